@@ -1,0 +1,86 @@
+"""Shape helpers shared by the PyTorch forms of every op.
+
+Layout everywhere is [B, T, H, D] (fla's convention): it is what the projections give after a `view`,
+so no transpose is needed before or after an op.
+
+GQA without copies: q has H heads, the linear state has Hk heads and v has Hv heads, with H % Hk == 0
+and Hk % Hv == 0. Query head h reads state head h // (H // Hk); state head j reads v head j // (Hk // Hv).
+"""
+
+import torch
+
+# Denominators are clamped to this so that rows with no visible key (left padding) give 0, not NaN.
+# All forms (parallel, chunked, recurrent, Triton) use the same value so they agree bit for bit in spirit.
+DEN_EPS = 1e-30
+
+
+def group_queries(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H, F] -> [B, T, heads, H // heads, F]: query heads grouped by the state head they read."""
+    b, t, h, f = x.shape
+    return x.reshape(b, t, heads, h // heads, f)
+
+
+def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, h, D] -> [B, T, heads, D] by repeating each head (heads % h == 0)."""
+    h = x.shape[2]
+    if h == heads:
+        return x
+    return x.repeat_interleave(heads // h, dim=2)
+
+
+def masked_keys(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero the entries of padding tokens ([B, T, H, F] with valid [B, T]) so they add nothing to a state."""
+    if valid is None:
+        return x
+    return x * valid[:, :, None, None].to(x.dtype)
+
+
+def window_mask(tq: int, tk: int, window: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks for queries at positions offset + [0, tq) against keys at [0, tk).
+
+    Returns (in_window, older): key j is in query i's window when i - window < j <= i, and is older
+    than the window when j <= i - window.
+    """
+    i = torch.arange(tq, device=device)[:, None] + offset
+    j = torch.arange(tk, device=device)[None, :]
+    in_window = (j <= i) & (j > i - window)
+    older = j <= i - window
+    return in_window, older
+
+
+def pad_time(x: torch.Tensor, multiple: int, front: int = 0) -> torch.Tensor:
+    """Zero-pad dim 1 so that front + T + back is a multiple of `multiple` (front zeros come first)."""
+    t = x.shape[1]
+    back = (-(front + t)) % multiple
+    if front == 0 and back == 0:
+        return x
+    shape = list(x.shape)
+    pads = []
+    if front:
+        shape[1] = front
+        pads.append(x.new_zeros(shape))
+    pads.append(x)
+    if back:
+        shape[1] = back
+        pads.append(x.new_zeros(shape))
+    return torch.cat(pads, dim=1)
+
+
+def bands(x: torch.Tensor, chunk: int, prev: int) -> torch.Tensor:
+    """[B, T', ...] with T' = (prev + N) * chunk -> [B, N, (prev + 1) * chunk, ...]: for each chunk, itself and the
+    `prev` chunks before it (the keys a chunk of queries can see through its sliding window)."""
+    span = (prev + 1) * chunk
+    out = x.unfold(1, span, chunk)  # [B, N, ..., span]
+    return out.movedim(-1, 2)
+
+
+def valid_or_ones(valid: torch.Tensor | None, b: int, t: int, device) -> torch.Tensor:
+    return torch.ones(b, t, dtype=torch.bool, device=device) if valid is None else valid
+
+
+def safe_softmax_weights(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(s - max) and its row sum, for score rows that may be entirely -inf (padding): those give 0, not NaN."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    return e, e.sum(-1, keepdim=True)

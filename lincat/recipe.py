@@ -140,6 +140,11 @@ def _coerce(value, tp, key: str):
         return [_coerce(v, inner, key) for v in value]
     if isinstance(value, str) and tp is not str:
         value = yaml.safe_load(value)
+        if isinstance(value, str) and tp is float:  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{key} must be true or false, got {value!r}")

@@ -391,6 +391,42 @@ class LincatPreTrainedModel(PreTrainedModel):
             module.reset_window_factor()
 
 
+def _build_base(config: LincatConfig):
+    """The base causal LM of `config`, with its attention swapped per the plan."""
+    base_config = config.base_config()
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)](base_config)
+    return apply_plan(model, config.layer_specs(), base_config)
+
+
+def _adopt(wrapper: nn.Module, module: nn.Module):
+    """Make `wrapper` look like `module` to `module`'s own forward: same children (hence the same parameter names)
+    and the same plain attributes (vocab_size, padding_idx, ...)."""
+    for name, child in module.named_children():
+        wrapper.add_module(name, child)
+    for key, value in vars(module).items():
+        if not key.startswith("_") and key not in ("config", "training") and not isinstance(value, nn.Module):
+            setattr(wrapper, key, value)
+    for key in ("_tied_weights_keys", "_no_split_modules", "_can_record_outputs"):
+        if getattr(module, key, None) is not None:
+            setattr(wrapper, key, getattr(module, key))
+    wrapper._base_forward = type(module).forward
+
+
+class LincatModel(LincatPreTrainedModel):
+    """The decoder stack alone (AutoModel): the base model's inner model with lincat attention."""
+
+    def __init__(self, config: LincatConfig):
+        super().__init__(config)
+        _adopt(self, _build_base(config).get_decoder())
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        return self._base_forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  **kwargs)
+
+
 class LincatForCausalLM(LincatPreTrainedModel, GenerationMixin):
     """The base causal LM (built from the base config) with its attention swapped per `config.lincat`.
 
@@ -400,41 +436,14 @@ class LincatForCausalLM(LincatPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LincatConfig):
         super().__init__(config)
-        base_config = config.base_config()
-        base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
-        base = base_cls(base_config)
-        apply_plan(base, config.layer_specs(), base_config)
-        self._base_cls = base_cls
-        for name, child in base.named_children():
-            self.add_module(name, child)
-        self._tied_weights_keys = base._tied_weights_keys
-        self._no_split_modules = base._no_split_modules
+        _adopt(self, _build_base(config))
         self.post_init()
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        **kwargs,
-    ):
-        return self._base_cls.forward(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        return self._base_forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
 
 
-__all__ = ["LincatForCausalLM", "LincatPreTrainedModel", "LincatAttention", "apply_plan", "set_attention_mode"]
+__all__ = ["LincatForCausalLM", "LincatModel", "LincatPreTrainedModel", "LincatAttention", "apply_plan", "set_attention_mode"]

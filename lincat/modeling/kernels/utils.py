@@ -84,3 +84,12 @@ def safe_softmax_weights(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     return e, e.sum(-1, keepdim=True)
+
+
+def shift_chunks(x: torch.Tensor, back: int) -> torch.Tensor:
+    """[B, N, ...] -> the same with chunk n holding chunk n - back (zeros before the first)."""
+    if back == 0:
+        return x
+    n = x.shape[1]
+    zeros = x.new_zeros(x.shape[0], min(back, n), *x.shape[2:])
+    return torch.cat([zeros, x[:, : max(n - back, 0)]], dim=1)

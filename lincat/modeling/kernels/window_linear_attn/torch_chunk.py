@@ -1,7 +1,7 @@
 """Chunked PyTorch form of the LoLCATs sliding-window hybrid.
 
 Each chunk of C queries sees, quadratically, its own chunk and the P = ceil((W - 1) / C) chunks before it; per
-pair the key is either in the window (softmax term) or older (linear term). Every key before that band is older
+pair the key is either in the window (softmax term) or older (linear term). Every key before those chunks is older
 than the window for all queries of the chunk, so it lives in the linear state. Work is O(T (P + 1) C d + T F D).
 """
 
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..utils import DEN_EPS, bands, expand_heads, masked_keys, pad_time, valid_or_ones
+from ..utils import DEN_EPS, expand_heads, masked_keys, pad_time, shift_chunks, valid_or_ones
 
 
 def chunk_window_linear_attn_torch(
@@ -24,52 +24,58 @@ def chunk_window_linear_attn_torch(
     b, t, h, dk = q.shape
     hkv, hk, f, d = k.shape[2], kf.shape[2], kf.shape[-1], v.shape[-1]
     c = chunk_size
-    p = math.ceil((window - 1) / c) if window > 1 else 0
+    p_prev = math.ceil((window - 1) / c) if window > 1 else 0
     keys = valid_or_ones(valid, b, t, q.device)
     kf_m = masked_keys(kf.float(), keys)
     v_k = expand_heads(v.float(), hk)
 
-    qp = pad_time(q.float(), c).view(b, -1, c, hkv, h // hkv, dk)
-    qfp = pad_time(qf.float(), c).view(b, -1, c, hk, h // hk, f)
-    n = qp.shape[1]
-    front = p * c
-    k_band = bands(pad_time(k.float(), c, front), c, p)  # [B, N, L, Hkv, Dk]
-    v_band = bands(pad_time(v.float(), c, front), c, p)
-    kf_band = bands(pad_time(kf_m, c, front), c, p)  # [B, N, L, Hk, F]
-    ok_band = bands(pad_time(keys, c, front), c, p)  # [B, N, L]
+    qc = pad_time(q.float(), c).view(b, -1, c, hkv, h // hkv, dk)
+    qfc = pad_time(qf.float(), c).view(b, -1, c, hk, h // hk, f)
+    n = qc.shape[1]
+    kc = pad_time(k.float(), c).view(b, n, c, hkv, dk)
+    vc = pad_time(v.float(), c).view(b, n, c, hkv, d)
+    kfc = pad_time(kf_m, c).view(b, n, c, hk, f)
+    okc = pad_time(keys, c).view(b, n, c)
+    gam = gamma.float()[None, None, :, None, None]
 
-    # Position of band key l relative to query c of the same chunk: j - i = l - p*C - c.
-    rel = torch.arange((p + 1) * c, device=q.device)[None, :] - front - torch.arange(c, device=q.device)[:, None]
-    in_win = (rel <= 0) & (rel > -window)
-    older = rel <= -window
-
-    s = torch.einsum("bnchgd,bnlhd->bnhgcl", qp, k_band).reshape(b, n, h, c, -1) * scale
-    win = in_win[None, None, None] & ok_band[:, :, None, None, :]
-    s = s.masked_fill(~win, float("-inf"))
-    m = s.amax(-1, keepdim=True)
+    # Key block `back` chunks behind the query chunk: its pairs, by j - i, are in the window or older.
+    blocks = []
+    for back in range(p_prev, -1, -1):
+        rel = torch.arange(c, device=q.device)[None, :] - torch.arange(c, device=q.device)[:, None] - back * c
+        in_win, older = (rel <= 0) & (rel > -window), rel <= -window
+        ok = shift_chunks(okc, back)[:, :, None, None, :]
+        s = torch.einsum("bnchgd,bnlhd->bnhgcl", qc, shift_chunks(kc, back)).reshape(b, n, h, c, c) * scale
+        s = s.masked_fill(~(in_win & ok), float("-inf"))
+        lin = None
+        if older.any():
+            lin = torch.einsum("bnchgf,bnlhf->bnhgcl", qfc, shift_chunks(kfc, back)).reshape(b, n, h, c, c) * older
+        blocks.append((back, s, lin))
+    m = torch.stack([s.amax(-1) for _, s, _ in blocks]).amax(0, keepdim=False)[..., None]
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    a = gamma.float()[None, None, :, None, None] * torch.exp(s - m)
-    a_lin = torch.einsum("bnchgf,bnlhf->bnhgcl", qfp, kf_band).reshape(b, n, h, c, -1)
-    a = a + a_lin * older
 
-    # Linear state before the band of chunk n: all chunks < n - p.
-    kv = torch.einsum("bnchf,bnchd->bnhfd", pad_time(kf_m, c).view(b, n, c, hk, f), pad_time(v_k, c).view(b, n, c, hk, d))
-    ks = pad_time(kf_m, c).view(b, n, c, hk, f).sum(2)
+    num = vc.new_zeros(b, n, c, h, d)
+    den = vc.new_zeros(b, n, c, h)
+    g_kv = h // hkv
+    for back, s, lin in blocks:
+        a = gam * torch.exp(s - m)
+        if lin is not None:
+            a = a + lin
+        num = num + torch.einsum("bnhgcl,bnlhd->bnchgd", a.view(b, n, hkv, g_kv, c, c),
+                                 shift_chunks(vc, back)).reshape(b, n, c, h, d)
+        den = den + a.sum(-1).transpose(2, 3)
+
+    # Linear state before the band of chunk n: all chunks < n - p_prev.
+    kv = torch.einsum("bnchf,bnchd->bnhfd", kfc, pad_time(v_k, c).view(b, n, c, hk, d))
+    ks = kfc.sum(2)
     if initial_state is None:
         s0 = q.new_zeros(b, hk, f, d, dtype=torch.float32)
         z0 = q.new_zeros(b, hk, f, dtype=torch.float32)
     else:
         s0, z0 = (x.float() for x in initial_state)
-    kv_cum = torch.cat([kv.new_zeros(b, p + 1, hk, f, d), kv.cumsum(1)], dim=1)[:, : n]
-    ks_cum = torch.cat([ks.new_zeros(b, p + 1, hk, f), ks.cumsum(1)], dim=1)[:, : n]
-    s_lin = s0[:, None] + kv_cum  # sum over chunks < n - p
-    z_lin = z0[:, None] + ks_cum
-
-    g_kv = h // hkv
-    num = torch.einsum("bnhgcl,bnlhd->bnchgd", a.view(b, n, hkv, g_kv, c, -1), v_band).reshape(b, n, c, h, d)
-    den = a.sum(-1).permute(0, 1, 3, 2)  # [B, N, C, H]
-    num = num + torch.einsum("bnchgf,bnhfd->bnchgd", qfp, s_lin).reshape(b, n, c, h, d)
-    den = den + torch.einsum("bnchgf,bnhf->bnchg", qfp, z_lin).reshape(b, n, c, h)
+    s_lin = s0[:, None] + shift_chunks(kv.cumsum(1), p_prev + 1)
+    z_lin = z0[:, None] + shift_chunks(ks.cumsum(1), p_prev + 1)
+    num = num + torch.einsum("bnchgf,bnhfd->bnchgd", qfc, s_lin).reshape(b, n, c, h, d)
+    den = den + torch.einsum("bnchgf,bnhf->bnchg", qfc, z_lin).reshape(b, n, c, h)
     o = (num / den.clamp_min(DEN_EPS)[..., None]).reshape(b, n * c, h, d)[:, :t].to(v.dtype)
 
     final = None

@@ -1,0 +1,645 @@
+"""Triton form of gated linear attention (Liger's GLA branch): forward and backward as one autograd Function.
+
+S_t = diag(exp(g_t)) S_{t-1} + kf_t v_t^T, o_t = qf_t S_t. Queries come in chunks of C tokens; lg is the in-chunk
+cumulative log gate (<= 0, decreasing). Across chunks the state is carried exactly inside one program:
+S <- exp(lg_C) S + (kf exp(lg_C - lg))^T v. Inside a chunk the pair weights qf_i . (kf_j exp(lg_i - lg_j)) factor as
+(qf exp(lg)) (kf exp(-lg))^T, one matrix product, as long as the chunk's total decay stays below SAFE (exp(-lg) must
+not overflow); a chunk that decays harder takes an exact, slower elementwise path. Both are exact up to rounding.
+
+Parallelism: one program per (value or feature block, segment, batch x state head); segments start from states that a
+pre-pass computes (per-segment sums, then a scan with the segments' decays). The backward runs a pass forward in time
+(dqf) and one backward in time (dkf, dv, and the gate gradient dg = reverse cumsum of qf dqf - kf dkf).
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
+    raise
+
+# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: enough segments to fill the GPU).
+# split_bwd: the reverse pass as two launches (dkf, dg | dv) with smaller states instead of one.
+TUNE = {"seg_chunks": None, "programs": None, "split_bwd": False, "num_warps": None, "num_stages": None, "fwd_bd": None}
+
+
+
+def _safe(dtype) -> float:
+    """Largest in-chunk decay (in log units) that the factored path takes: exp(decay) must stay far from the
+    operand dtype's overflow (fp16 tops out at 65504, bf16 / fp32 near 3e38)."""
+    return 8.0 if dtype == torch.float16 else 60.0
+
+
+def _p2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _prec(dtype) -> str:
+    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _programs(device) -> int:
+    if TUNE["programs"]:
+        return TUNE["programs"]
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _segment_chunks(n_chunks: int, parallel: int, device) -> int:
+    """Chunks per segment: one segment when (batch x heads x blocks) already fills the GPU."""
+    if TUNE["seg_chunks"]:
+        return TUNE["seg_chunks"]
+    want = triton.cdiv(_programs(device), max(parallel, 1))
+    return max(triton.cdiv(n_chunks, want), min(n_chunks, 8))
+
+
+def _warps(elems: int) -> int:
+    return TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
+
+
+def _launch_opts(elems: int) -> dict:
+    opts = {"num_warps": _warps(elems)}
+    if TUNE["num_stages"]:
+        opts["num_stages"] = TUNE["num_stages"]
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton helpers
+
+
+@triton.jit
+def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
+    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked."""
+    ptr = base + ((b * T + t[:, None]).to(tl.int64) * NH + h) * X + x[None, :]
+    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
+
+
+@triton.jit
+def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
+    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
+    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
+    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
+    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
+    return base + (b * T + t).to(tl.int64) * NH + h, (t < T) & (t >= 0)
+
+
+@triton.jit
+def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
+    """Keys that exist (t < lim) and are not padding."""
+    ok = (t < lim) & (t >= 0)
+    if HAS_VALID:
+        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _gates(g, valid, bi, hk, t, T, f, HK: tl.constexpr, F: tl.constexpr, HAS_VALID: tl.constexpr):
+    """In-chunk cumulative log decay lg [C, BF], the chunk's total (last row) and the key mask: padding and rows past
+    the end neither decay nor write the state."""
+    ok = _keys_ok(valid, bi, t, T, T, HAS_VALID)
+    gt = tl.where(ok[:, None], _load(g, bi, hk, t, f, T, HK, F).to(tl.float32), 0.0)
+    return tl.cumsum(gt, 0), tl.sum(gt, 0), ok
+
+
+@triton.jit
+def _row(x, c, j):
+    """Row j of a register tile (register tiles cannot be indexed)."""
+    return tl.sum(tl.where(c[:, None] == j, x, 0.0), 0)
+
+
+@triton.jit
+def _col(x, c, j):
+    return tl.sum(tl.where(c[None, :] == j, x, 0.0), 1)
+
+
+@triton.jit
+def _intra_exact(qt, kt, lg, c, C: tl.constexpr):
+    """A_ij = sum_f q_if k_jf exp(lg_if - lg_jf) for j <= i, one key at a time (no factoring, no overflow)."""
+    a = tl.zeros([C, C], tl.float32)
+    q32 = qt.to(tl.float32)
+    k32 = kt.to(tl.float32)
+    for j in range(C):
+        w = tl.exp(tl.minimum(lg - _row(lg, c, j)[None, :], 0.0))
+        col = tl.sum(q32 * _row(k32, c, j)[None, :] * w, 1)
+        a = tl.where(c[None, :] == j, col[:, None], a)
+    return tl.where(c[:, None] >= c[None, :], a, 0.0)
+
+
+@triton.jit
+def _dq_exact(da, kt, lg, c, C: tl.constexpr):
+    """sum_{j <= i} dA_ij k_j exp(lg_i - lg_j) (da already causal)."""
+    k32 = kt.to(tl.float32)
+    out = tl.zeros(lg.shape, tl.float32)
+    for j in range(C):
+        w = tl.exp(tl.minimum(lg - _row(lg, c, j)[None, :], 0.0))
+        out += _col(da, c, j)[:, None] * _row(k32, c, j)[None, :] * w
+    return out
+
+
+@triton.jit
+def _dk_exact(da, qt, lg, c, C: tl.constexpr):
+    """sum_{i >= j} dA_ij q_i exp(lg_i - lg_j) (da already causal)."""
+    q32 = qt.to(tl.float32)
+    out = tl.zeros(lg.shape, tl.float32)
+    for j in range(C):
+        w = tl.exp(tl.minimum(lg - _row(lg, c, j)[None, :], 0.0))
+        rowj = tl.sum(_col(da, c, j)[:, None] * q32 * w, 0)
+        out = tl.where(c[:, None] == j, rowj[None, :], out)
+    return out
+
+
+@triton.jit
+def _state_ptr(hs, bi, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr):
+    """States are [B, HK, NSLOT, F, D] fp32."""
+    base = ((bi * HK + hk) * NSLOT + slot).to(tl.int64)
+    return hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
+
+
+@triton.jit
+def _vec_ptr(hz, bi, hk, slot, NSLOT, f, HK: tl.constexpr, F: tl.constexpr):
+    """Per-feature vectors [B, HK, NSLOT, F] fp32 (log decays, gate-gradient carries)."""
+    return hz + ((bi * HK + hk) * NSLOT + slot).to(tl.int64) * F + f, f < F
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segment pre-passes and the scan that chains segments
+
+
+@triton.jit
+def _seg_kv(kf, v, g, valid, hs, hg, T, SEG, NS,
+            HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Each segment's own state (decayed to its end) and its total log decay."""
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    hv = hk // (HK // HV)
+    f = i_f * BF + tl.arange(0, BF)
+    d = tl.arange(0, BD)
+    c = tl.arange(0, C)
+    acc = tl.zeros([BF, BD], tl.float32)
+    tot = tl.zeros([BF], tl.float32)
+    n0 = i_s * SEG
+    for n in range(n0, tl.minimum(n0 + SEG, tl.cdiv(T, C))):
+        t = n * C + c
+        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
+        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
+        acc = acc * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
+        tot += last
+    ps, ms = _state_ptr(hs, bi, hk, i_s, NS, f, d, HK, F, D)
+    tl.store(ps, acc, mask=ms)
+    pg, mg = _vec_ptr(hg, bi, hk, i_s, NS, f, HK, F)
+    tl.store(pg, tot, mask=mg)
+
+
+@triton.jit
+def _seg_q(qf, do, g, valid, hs, T, SEG, NS,
+           H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Each segment's own reverse state sum_i (qf_i exp(lg_i)) do_i^T, decayed back to its start."""
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    G: tl.constexpr = H // HK
+    f = i_f * BF + tl.arange(0, BF)
+    d = tl.arange(0, BD)
+    c = tl.arange(0, C)
+    acc = tl.zeros([BF, BD], tl.float32)
+    n0 = i_s * SEG
+    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
+    for i in range(0, n1 - n0):
+        t = (n1 - 1 - i) * C + c
+        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
+        acc = acc * tl.exp(last)[:, None]
+        for gi in range(G):
+            h = hk * G + gi
+            qt = _load(qf, bi, h, t, f, T, H, F)
+            dot_ = _load(do, bi, h, t, d, T, H, D)
+            qd = (qt * tl.exp(lg)).to(dot_.dtype)
+            acc = tl.dot(tl.trans(qd), dot_, acc=acc, input_precision=PREC)
+    ps, ms = _state_ptr(hs, bi, hk, i_s, NS, f, d, HK, F, D)
+    tl.store(ps, acc, mask=ms)
+
+
+@triton.jit
+def _scan(loc, lgs, init, out, NS, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+          BF: tl.constexpr, BD: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr):
+    """out has NS + 1 slots. Forward: out[0] = init, out[s + 1] = exp(G_s) out[s] + loc[s] (states entering each
+    segment, then the final state). Reverse: out[NS] = init, out[s] = exp(G_s) out[s + 1] + loc[s]."""
+    i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    f = i_f * BF + tl.arange(0, BF)
+    d = i_d * BD + tl.arange(0, BD)
+    h = tl.zeros([BF, BD], tl.float32)
+    if HAS_INIT:
+        pi, mi = _state_ptr(init, bi, hk, 0, 1, f, d, HK, F, D)
+        h = tl.load(pi, mask=mi, other=0.0)
+    po, mo = _state_ptr(out, bi, hk, NS if REVERSE else 0, NS + 1, f, d, HK, F, D)
+    tl.store(po, h, mask=mo)
+    for i in range(NS):
+        s = NS - 1 - i if REVERSE else i
+        pl, ml = _state_ptr(loc, bi, hk, s, NS, f, d, HK, F, D)
+        pg, mg = _vec_ptr(lgs, bi, hk, s, NS, f, HK, F)
+        h = h * tl.exp(tl.load(pg, mask=mg, other=0.0))[:, None] + tl.load(pl, mask=ml, other=0.0)
+        po, mo = _state_ptr(out, bi, hk, s if REVERSE else s + 1, NS + 1, f, d, HK, F, D)
+        tl.store(po, h, mask=mo)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd(qf, kf, v, g, valid, o, h0, ht, T, SEG, NSLOT,
+         H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+         C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+         HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+         SAFE: tl.constexpr):
+    i_d, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    G: tl.constexpr = H // HK
+    hv = hk // (HK // HV)
+    c = tl.arange(0, C)
+    f = tl.arange(0, BF)
+    d = i_d * BD + tl.arange(0, BD)
+    causal = c[:, None] >= c[None, :]
+    S = tl.zeros([BF, BD], tl.float32)
+    if HAS_H0:
+        ps, ms = _state_ptr(h0, bi, hk, i_s, NSLOT, f, d, HK, F, D)
+        S = tl.load(ps, mask=ms, other=0.0)
+    n0 = i_s * SEG
+    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
+    for n in range(n0, n1):
+        t = n * C + c
+        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
+        safe = tl.max(-last, 0) <= SAFE
+        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+        Sc = S.to(vt.dtype)
+        for gi in range(G):
+            h = hk * G + gi
+            qt = _load(qf, bi, h, t, f, T, H, F)
+            qd = (qt * tl.exp(lg)).to(vt.dtype)
+            acc = tl.dot(qd, Sc, input_precision=PREC)
+            if safe:
+                a = tl.where(causal, tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
+            else:
+                a = _intra_exact(qt, kt, lg, c, C)
+            acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
+            _store(o, acc, bi, h, t, d, T, H, D)
+        kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
+        S = S * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
+    if STORE_FINAL:
+        ps, ms = _state_ptr(ht, bi, hk, 0, 1, f, d, HK, F, D)
+        tl.store(ps, S, mask=ms)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward, forward in time: dqf = exp(lg) (do S^T + dA kd) with dA = causal(do v^T). Also qf * dqf summed over the
+# query heads of the state head (fp32), which the gate gradient needs.
+
+
+@triton.jit
+def _bwd_dq(kf, v, g, qf, valid, do, dq, qdq, h0, T, SEG, NSLOT,
+            H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+            HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_QDQ: tl.constexpr, PREC: tl.constexpr,
+            SAFE: tl.constexpr):
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    G: tl.constexpr = H // HK
+    hv = hk // (HK // HV)
+    c = tl.arange(0, C)
+    f = i_f * BF + tl.arange(0, BF)
+    d = tl.arange(0, BD)
+    causal = c[:, None] >= c[None, :]
+    S = tl.zeros([BF, BD], tl.float32)
+    if HAS_H0:
+        ps, ms = _state_ptr(h0, bi, hk, i_s, NSLOT, f, d, HK, F, D)
+        S = tl.load(ps, mask=ms, other=0.0)
+    n0 = i_s * SEG
+    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
+    for n in range(n0, n1):
+        t = n * C + c
+        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
+        safe = tl.max(-last, 0) <= SAFE
+        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+        Sc = S.to(vt.dtype)
+        acc_qdq = tl.zeros([C, BF], tl.float32)
+        for gi in range(G):
+            h = hk * G + gi
+            dot_ = _load(do, bi, h, t, d, T, H, D)
+            da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
+            dqt = tl.dot(dot_, tl.trans(Sc), input_precision=PREC)
+            if safe:
+                dqt = tl.dot(da.to(kd.dtype), kd, acc=dqt, input_precision=PREC) * tl.exp(lg)
+            else:
+                dqt = dqt * tl.exp(lg) + _dq_exact(da, kt, lg, c, C)
+            _store(dq, dqt, bi, h, t, f, T, H, F)
+            if STORE_QDQ:
+                acc_qdq += _load(qf, bi, h, t, f, T, H, F).to(tl.float32) * dqt
+        if STORE_QDQ:
+            _store(qdq, acc_qdq, bi, hk, t, f, T, HK, F)
+        kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
+        S = S * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward, backward in time. dS (relative to the end of the current chunk) covers the later chunks:
+# dkf = exp(lg_C - lg) (v dS^T) + exp(-lg) (dA^T qd), dv = (kf exp(lg_C - lg)) dS + A^T do, and
+# dg = reverse cumsum of qf dqf - kf dkf, carried across chunks.
+
+
+@triton.jit
+def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SEG, NSLOT, SLOT0,
+             H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+             DO_DG: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DH: tl.constexpr, HAS_CARRY: tl.constexpr,
+             STORE_TOT: tl.constexpr, STORE_D0: tl.constexpr, PREC: tl.constexpr, SAFE: tl.constexpr):
+    """DO_DK needs BD = all of D, DO_DV needs BF = all of F; the block of the other one is program_id(0)."""
+    i_x, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    G: tl.constexpr = H // HK
+    hv = hk // (HK // HV)
+    c = tl.arange(0, C)
+    if DO_DV:
+        f = tl.arange(0, BF)
+        d = i_x * BD + tl.arange(0, BD)
+    else:
+        f = i_x * BF + tl.arange(0, BF)
+        d = tl.arange(0, BD)
+    causal = c[:, None] >= c[None, :]
+    dS = tl.zeros([BF, BD], tl.float32)
+    if HAS_DH:
+        ps, ms = _state_ptr(dh, bi, hk, i_s + SLOT0, NSLOT, f, d, HK, F, D)
+        dS = tl.load(ps, mask=ms, other=0.0)
+    run = tl.zeros([BF], tl.float32)  # sum of the gate gradient's summands over the later tokens
+    if HAS_CARRY:
+        pc, mc = _vec_ptr(carry, bi, hk, 0, 1, f, HK, F)
+        run = tl.load(pc, mask=mc, other=0.0)
+    n0 = i_s * SEG
+    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
+    for i in range(0, n1 - n0):
+        t = (n1 - 1 - i) * C + c
+        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
+        safe = tl.max(-last, 0) <= SAFE
+        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+        dSc = dS.to(vt.dtype)
+        dkt = tl.zeros([C, BF], tl.float32)
+        dvt = tl.zeros([C, BD], tl.float32)
+        if DO_DK:
+            dkt = tl.dot(vt, tl.trans(dSc), input_precision=PREC) * tl.exp(last[None, :] - lg)
+        if DO_DV:
+            kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
+            dvt = tl.dot(kl, dSc, input_precision=PREC)
+        dS = dS * tl.exp(last)[:, None]
+        dki = tl.zeros([C, BF], tl.float32)
+        for gi in range(G):
+            h = hk * G + gi
+            qt = _load(qf, bi, h, t, f, T, H, F)
+            dot_ = _load(do, bi, h, t, d, T, H, D)
+            qd = (qt * tl.exp(lg)).to(vt.dtype)
+            if DO_DK:
+                da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
+                if safe:
+                    dki = tl.dot(tl.trans(da).to(qd.dtype), qd, acc=dki, input_precision=PREC)
+                else:
+                    dkt += _dk_exact(da, qt, lg, c, C)
+            if DO_DV:
+                if safe:
+                    a = tl.where(causal, tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
+                else:
+                    a = _intra_exact(qt, kt, lg, c, C)
+                dvt = tl.dot(tl.trans(a).to(vt.dtype), dot_, acc=dvt, input_precision=PREC)
+            dS = tl.dot(tl.trans(qd), dot_, acc=dS, input_precision=PREC)
+        if DO_DK:
+            dkt = tl.where(ok[:, None], dkt + dki * tl.exp(tl.minimum(-lg, SAFE)), 0.0)
+            _store(dk, dkt, bi, hk, t, f, T, HK, F)
+            if DO_DG:
+                db = _load(qdq, bi, hk, t, f, T, HK, F) - kt.to(tl.float32) * dkt
+                dgt = tl.cumsum(db, 0, reverse=True) + run[None, :]
+                run += tl.sum(db, 0)
+                _store(dg, tl.where(ok[:, None], dgt, 0.0), bi, hk, t, f, T, HK, F)
+        if DO_DV:
+            _store(dv, dvt, bi, hk, t, d, T, HK, D)
+    if STORE_TOT:
+        pt, mt = _vec_ptr(tot, bi, hk, i_s, NSLOT - 1, f, HK, F)
+        tl.store(pt, run, mask=mt)
+    if STORE_D0:
+        ps, ms = _state_ptr(d0, bi, hk, 0, 1, f, d, HK, F, D)
+        tl.store(ps, dS, mask=ms)
+
+
+@triton.jit
+def _add_carry(dgl, carry, dg, valid, T, SEG, NS, HK: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+               BF: tl.constexpr, HAS_VALID: tl.constexpr):
+    """dg of a segment = its own reverse cumsum + the sum over all later segments."""
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hk = i_bh // HK, i_bh % HK
+    f = i_f * BF + tl.arange(0, BF)
+    c = tl.arange(0, C)
+    pc, mc = _vec_ptr(carry, bi, hk, i_s, NS, f, HK, F)
+    add = tl.load(pc, mask=mc, other=0.0)
+    n0 = i_s * SEG
+    for n in range(n0, tl.minimum(n0 + SEG, tl.cdiv(T, C))):
+        t = n * C + c
+        ok = _keys_ok(valid, bi, t, T, T, HAS_VALID)
+        x = _load(dgl, bi, hk, t, f, T, HK, F) + add[None, :]
+        _store(dg, tl.where(ok[:, None], x, 0.0), bi, hk, t, f, T, HK, F)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _blocks(bf, bd):
+    """Feature / value blocks for the passes that need all of one of them."""
+    big = bf * bd > 128 * 128
+    return (max(16, 128 * 128 // bd) if big else bf), (max(16, 128 * 128 // bf) if big else bd)
+
+
+class _GLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qf, kf, v, g, valid, s0, output_final_state, chunk):
+        b, t, h, f = qf.shape
+        hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
+        c = chunk
+        n = triton.cdiv(t, c)
+        bf, bd_all = _p2(f), _p2(d)
+        bd = TUNE["fwd_bd"] or _blocks(bf, bd_all)[1]
+        nbd = triton.cdiv(d, bd)
+        seg = _segment_chunks(n, b * hk * nbd, qf.device)
+        ns = triton.cdiv(n, seg)
+        prec = _prec(v.dtype)
+        vmask = valid if valid is not None else qf
+        o = torch.empty(b, t, h, d, device=qf.device, dtype=v.dtype)
+        common = dict(HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
+
+        h0 = s0.float().contiguous() if s0 is not None else None
+        lgs = None
+        if ns > 1:  # states entering each segment, then the final state (slot ns)
+            h0, lgs = _segment_states_fwd(kf, v, g, valid, h0, t, seg, ns, c, prec)
+        nslot = ns + 1 if ns > 1 else 1
+        store_final = output_final_state and ns == 1
+        ht = torch.empty(b, hk, f, d, device=qf.device, dtype=torch.float32) if store_final else o
+        _fwd[(nbd, ns, b * hk)](
+            qf, kf, v, g, vmask, o, h0 if h0 is not None else o, ht, t, seg, nslot, H=h, BF=bf, BD=bd,
+            HAS_H0=h0 is not None, STORE_FINAL=store_final, **common, **_launch_opts(bf * bd))
+        final = None
+        if output_final_state:
+            final = ht if store_final else h0[:, :, ns].contiguous()
+        ctx.save_for_backward(qf, kf, v, g, valid, h0, lgs, final)
+        ctx.cfg = (c, seg, ns, nslot, None if s0 is None else s0.dtype)
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dst):
+        qf, kf, v, g, valid, h0, lgs, final = ctx.saved_tensors
+        c, seg, ns, nslot, s0_dtype = ctx.cfg
+        b, t, h, f = qf.shape
+        hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
+        bf, bd = _p2(f), _p2(d)
+        prec = _prec(v.dtype)
+        dev = qf.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        do = do.contiguous()
+        vmask = valid if valid is not None else qf
+        common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
+        need_dg = ctx.needs_input_grad[3]
+
+        dq = torch.empty_like(qf)
+        qdq = torch.empty(b, t, hk, f, **f32) if need_dg else dq
+        bf_q = _blocks(bf, bd)[0]
+        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * hk)](
+            kf, v, g, qf, vmask, do, dq, qdq, h0 if h0 is not None else dq, t, seg, nslot, BF=bf_q, BD=bd,
+            HAS_H0=h0 is not None, STORE_QDQ=need_dg, **common, **_launch_opts(bf_q * bd))
+
+        # reverse states entering each segment (slot s + 1), and the initial state's gradient (slot 0)
+        dh = None
+        if ns > 1:
+            dh = _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec)
+        elif dst is not None:
+            dh = dst.float().contiguous()
+        need_d0 = ctx.needs_input_grad[5]
+        store_d0 = need_d0 and ns == 1
+        d0 = torch.empty(b, hk, f, d, **f32) if store_d0 else do
+
+        # the final state's gradient also reaches every gate through the state's decay: sum_d dS_T * S_T
+        extra = None
+        if dst is not None and need_dg:
+            extra = (dst.float() * final).sum(-1).contiguous()
+        carry = extra if ns == 1 else None
+        shared_v = hk != hv
+        dv = torch.empty(b, t, hk, d, **f32) if shared_v else torch.empty_like(v)
+        dk = torch.empty_like(kf)
+        dgl = torch.empty(b, t, hk, f, **f32) if (need_dg and ns > 1) else torch.empty_like(g)
+        tot = torch.empty(b, hk, ns, f, **f32) if (need_dg and ns > 1) else do
+        args = (qf, kf, v, g, vmask, do, qdq, dk, dv, dgl, dh if dh is not None else do,
+                carry if carry is not None else do, tot, d0, t, seg, ns + 1 if ns > 1 else 1, 1 if ns > 1 else 0)
+        flags = dict(DO_DG=need_dg, HAS_DH=dh is not None, HAS_CARRY=carry is not None,
+                     STORE_TOT=need_dg and ns > 1)
+        if TUNE["split_bwd"] or bf * bd > 128 * 128:
+            bf_k = min(bf, 64)
+            bd_v = min(bd, 64)
+            _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
+                *args, BF=bf_k, BD=bd, DO_DK=True, DO_DV=False, STORE_D0=store_d0, **flags, **common,
+                **_launch_opts(bf_k * bd))
+            _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
+                *args, BF=bf, BD=bd_v, DO_DK=False, DO_DV=True, STORE_D0=False, **{**flags, "DO_DG": False,
+                "STORE_TOT": False, "HAS_CARRY": False}, **common, **_launch_opts(bf * bd_v))
+        else:
+            _bwd_dkv[(1, ns, b * hk)](
+                *args, BF=bf, BD=bd, DO_DK=True, DO_DV=True, STORE_D0=store_d0, **flags, **common,
+                **_launch_opts(bf * bd))
+        if shared_v:
+            dv = dv.view(b, t, hv, hk // hv, d).sum(3).to(v.dtype)
+
+        dg = None
+        if need_dg:
+            dg = dgl
+            if ns > 1:
+                # each segment's reverse cumsum still lacks the sum over the segments after it
+                after = tot.flip(2).cumsum(2).flip(2)
+                carry_s = torch.zeros_like(tot)
+                carry_s[:, :, :-1] = after[:, :, 1:]
+                if extra is not None:
+                    carry_s += extra[:, :, None]
+                dg = torch.empty_like(g)
+                bf_g = min(bf, 64)
+                _add_carry[(triton.cdiv(f, bf_g), ns, b * hk)](
+                    dgl, carry_s, dg, vmask, t, seg, ns, HK=hk, F=f, C=c, BF=bf_g, HAS_VALID=valid is not None)
+        ds0 = None
+        if need_d0:
+            ds0 = (d0 if store_d0 else dh[:, :, 0]).to(s0_dtype)
+        return dq, dk, dv, dg, None, ds0, None, None
+
+
+def _segment_states_fwd(kf, v, g, valid, s0, t, seg, ns, c, prec):
+    """States entering each segment (slots 0..ns-1) and the final state (slot ns); and each segment's log decay."""
+    b, _, hk, f = kf.shape
+    hv, d = v.shape[2], v.shape[3]
+    bf, bd = _p2(f), _p2(d)
+    bf_s = min(bf, 64) if bf * bd > 64 * 128 else bf
+    dev = kf.device
+    loc = torch.empty(b, hk, ns, f, d, device=dev, dtype=torch.float32)
+    lgs = torch.empty(b, hk, ns, f, device=dev, dtype=torch.float32)
+    _seg_kv[(triton.cdiv(f, bf_s), ns, b * hk)](
+        kf, v, g, valid if valid is not None else kf, loc, lgs, t, seg, ns, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s,
+        BD=bd, HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd))
+    return _chain(loc, lgs, s0, reverse=False), lgs
+
+
+def _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec):
+    """Reverse states: slot s + 1 enters segment s's reverse pass (covers the later segments, and the final state's
+    gradient); slot 0 is the initial state's gradient."""
+    b, _, h, f = qf.shape
+    d = do.shape[-1]
+    bf, bd = _p2(f), _p2(d)
+    bf_s = min(bf, 64) if bf * bd > 64 * 128 else bf
+    loc = torch.empty(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
+    _seg_q[(triton.cdiv(f, bf_s), ns, b * hk)](
+        qf, do, g, valid if valid is not None else qf, loc, t, seg, ns, H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd,
+        HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd))
+    return _chain(loc, lgs, None if dst is None else dst.float().contiguous(), reverse=True)
+
+
+def _chain(loc, lgs, init, reverse):
+    b, hk, ns, f, d = loc.shape
+    bf, bd = min(_p2(f), 64), min(_p2(d), 64)
+    out = torch.empty(b, hk, ns + 1, f, d, device=loc.device, dtype=torch.float32)
+    _scan[(triton.cdiv(f, bf), triton.cdiv(d, bd), b * hk)](
+        loc, lgs, init if init is not None else loc, out, ns, HK=hk, F=f, D=d, BF=bf, BD=bd,
+        HAS_INIT=init is not None, REVERSE=reverse)
+    return out
+
+
+def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """Same contract as `chunk_gla_torch`: returns (o [B, T, H, D] in v.dtype, final state S [B, Hk, F, D] fp32 or
+    None). g [B, T, Hk, F] are log gates (<= 0), any float dtype. Differentiable in qf, kf, v, g and the initial state.
+    """
+    dt = v.dtype
+    qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
+    v, g = v.contiguous(), g.contiguous()
+    c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    vmask = None if valid is None else valid.to(torch.uint8).contiguous()
+    o, final = _GLA.apply(qf, kf, v, g, vmask, initial_state, bool(output_final_state), c)
+    return o, (final if output_final_state else None)

@@ -1,0 +1,301 @@
+"""Triton form of sliding-window softmax attention with attention sinks: forward and backward as one autograd Function.
+
+Each chunk of C queries sees its band of P + 1 key chunks (P = ceil((W - 1) / C)), masked to the window, plus the sink
+keys that have left the window (online softmax over both). There is no state, so every (chunk, head) is independent:
+the forward and the dq pass run one program per query chunk, the dk/dv pass one per key chunk and k/v head (looping
+over its query heads, so GQA needs no reduction). Sink gradients are summed over query chunks with atomics.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
+    raise
+
+from ..utils import DEN_EPS
+
+TUNE = {"num_warps": None, "num_stages": None}
+
+
+def _p2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _prec(dtype) -> str:
+    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_opts(elems: int) -> dict:
+    opts = {"num_warps": TUNE["num_warps"] or (8 if elems >= 128 * 128 else 4)}
+    if TUNE["num_stages"]:
+        opts["num_stages"] = TUNE["num_stages"]
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton helpers
+
+
+@triton.jit
+def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
+    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked."""
+    ptr = base + ((b * T + t[:, None]).to(tl.int64) * NH + h) * X + x[None, :]
+    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
+
+
+@triton.jit
+def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
+    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
+    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
+    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
+    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
+    return base + (b * T + t).to(tl.int64) * NH + h, (t < T) & (t >= 0)
+
+
+@triton.jit
+def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
+    """Keys that exist (t < lim) and are not padding."""
+    ok = (t < lim) & (t >= 0)
+    if HAS_VALID:
+        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _scores(qt, kt, tq, tk, ok, W, scale, PREC: tl.constexpr):
+    """Scaled scores of a query chunk against a key chunk, -inf outside the window or on padding."""
+    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
+    rel = tk[None, :] - tq[:, None]
+    return tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _sink_scores(qt, sk, spos, sok, bi, hv, tq, j, W, NSINK, scale,
+                 HKV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Scores against the sinks [B, NSINK, HKV, DK]: a sink counts once it has left the window (pos <= i - W)."""
+    x = tl.arange(0, BK)
+    skt = _load(sk, bi, hv, j, x, NSINK, HKV, DK)
+    pos = tl.load(spos + bi * NSINK + j, mask=j < NSINK, other=0)
+    ok = tl.load(sok + bi * NSINK + j, mask=j < NSINK, other=0) != 0
+    vis = ok[None, :] & (pos[None, :] <= (tq[:, None] - W).to(pos.dtype))
+    s = tl.dot(qt, tl.trans(skt), input_precision=PREC) * scale
+    return tl.where(vis, s, float("-inf")), skt
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd(q, k, v, sk, sv, spos, sok, valid, o, lse, T, W, P, NSINK, scale, eps,
+         H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+         BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+         HAS_VALID: tl.constexpr, HAS_SINKS: tl.constexpr, PREC: tl.constexpr):
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    bi, h = i_bh // H, i_bh % H
+    hv = h // (H // HKV)
+    c = tl.arange(0, C)
+    x = tl.arange(0, BK)
+    d = tl.arange(0, BD)
+    tq = n * C + c
+    qt = _load(q, bi, h, tq, x, T, H, DK)
+    m = tl.full([C], -1e30, tl.float32)
+    l = tl.zeros([C], tl.float32)
+    acc = tl.zeros([C, BD], tl.float32)
+    for p in range(tl.maximum(n - P, 0), n + 1):
+        tk = p * C + c
+        ok = _keys_ok(valid, bi, tk, T, T, HAS_VALID)
+        s = _scores(qt, _load(k, bi, hv, tk, x, T, HKV, DK), tq, tk, ok, W, scale, PREC)
+        vt = _load(v, bi, hv, tk, d, T, HKV, D)
+        mn = tl.maximum(m, tl.max(s, 1))
+        e = tl.exp(s - mn[:, None])
+        alpha = tl.exp(m - mn)
+        acc = acc * alpha[:, None] + tl.dot(e.to(vt.dtype), vt, input_precision=PREC)
+        l = l * alpha + tl.sum(e, 1)
+        m = mn
+    if HAS_SINKS:
+        j = tl.arange(0, BS)
+        s, _ = _sink_scores(qt, sk, spos, sok, bi, hv, tq, j, W, NSINK, scale, HKV, DK, BK, PREC)
+        svt = _load(sv, bi, hv, j, d, NSINK, HKV, D)
+        mn = tl.maximum(m, tl.max(s, 1))
+        e = tl.exp(s - mn[:, None])
+        alpha = tl.exp(m - mn)
+        acc = acc * alpha[:, None] + tl.dot(e.to(svt.dtype), svt, input_precision=PREC)
+        l = l * alpha + tl.sum(e, 1)
+        m = mn
+    _store(o, acc / tl.maximum(l, eps)[:, None], bi, h, tq, d, T, H, D)
+    pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+    # rows that see no key keep weight 0 in the backward: any finite lse does (their scores are -inf)
+    tl.store(pr, tl.where(l > 0, m + tl.log(tl.maximum(l, eps)), 0.0), mask=mr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward: dq (and the sinks' gradients) per query chunk; dk, dv per key chunk.
+
+
+@triton.jit
+def _bwd_dq(q, k, v, sk, sv, spos, sok, valid, o, do, lse, delta, dq, dsk, dsv, T, W, P, NSINK, scale,
+            H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+            BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+            HAS_VALID: tl.constexpr, HAS_SINKS: tl.constexpr, SINK_GRAD: tl.constexpr, PREC: tl.constexpr):
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    bi, h = i_bh // H, i_bh % H
+    hv = h // (H // HKV)
+    c = tl.arange(0, C)
+    x = tl.arange(0, BK)
+    d = tl.arange(0, BD)
+    tq = n * C + c
+    qt = _load(q, bi, h, tq, x, T, H, DK)
+    dot_ = _load(do, bi, h, tq, d, T, H, D)
+    dl = tl.sum(dot_.to(tl.float32) * _load(o, bi, h, tq, d, T, H, D).to(tl.float32), 1)
+    pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+    ls = tl.load(pr, mask=mr, other=0.0)
+    tl.store(_row_ptrs(delta, bi, h, tq, T, H)[0], dl, mask=mr)
+    dqt = tl.zeros([C, BK], tl.float32)
+    for p in range(tl.maximum(n - P, 0), n + 1):
+        tk = p * C + c
+        ok = _keys_ok(valid, bi, tk, T, T, HAS_VALID)
+        kt = _load(k, bi, hv, tk, x, T, HKV, DK)
+        pw = tl.exp(_scores(qt, kt, tq, tk, ok, W, scale, PREC) - ls[:, None])
+        vt = _load(v, bi, hv, tk, d, T, HKV, D)
+        ds = pw * (tl.dot(dot_, tl.trans(vt), input_precision=PREC) - dl[:, None])
+        dqt = tl.dot(ds.to(kt.dtype), kt, acc=dqt, input_precision=PREC)
+    if HAS_SINKS:
+        j = tl.arange(0, BS)
+        s, skt = _sink_scores(qt, sk, spos, sok, bi, hv, tq, j, W, NSINK, scale, HKV, DK, BK, PREC)
+        pw = tl.exp(s - ls[:, None])
+        svt = _load(sv, bi, hv, j, d, NSINK, HKV, D)
+        ds = pw * (tl.dot(dot_, tl.trans(svt), input_precision=PREC) - dl[:, None])
+        dqt = tl.dot(ds.to(skt.dtype), skt, acc=dqt, input_precision=PREC)
+        if SINK_GRAD:
+            pk, mk = _ptrs(dsk, bi, hv, j, x, NSINK, NSINK, HKV, DK)
+            tl.atomic_add(pk, tl.dot(tl.trans(ds).to(qt.dtype), qt, input_precision=PREC) * scale, mask=mk)
+            pv, mv = _ptrs(dsv, bi, hv, j, d, NSINK, NSINK, HKV, D)
+            tl.atomic_add(pv, tl.dot(tl.trans(pw).to(dot_.dtype), dot_, input_precision=PREC), mask=mv)
+    _store(dq, dqt * scale, bi, h, tq, x, T, H, DK)
+
+
+@triton.jit
+def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
+             H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+             BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    kc, i_bh = tl.program_id(0), tl.program_id(1)
+    bi, hv = i_bh // HKV, i_bh % HKV
+    G: tl.constexpr = H // HKV
+    c = tl.arange(0, C)
+    x = tl.arange(0, BK)
+    d = tl.arange(0, BD)
+    tk = kc * C + c
+    ok = _keys_ok(valid, bi, tk, T, T, HAS_VALID)
+    kt = _load(k, bi, hv, tk, x, T, HKV, DK)
+    vt = _load(v, bi, hv, tk, d, T, HKV, D)
+    dkt = tl.zeros([C, BK], tl.float32)
+    dvt = tl.zeros([C, BD], tl.float32)
+    for qn in range(kc, tl.minimum(kc + P, tl.cdiv(T, C) - 1) + 1):
+        tq = qn * C + c
+        for g in range(G):
+            h = hv * G + g
+            qt = _load(q, bi, h, tq, x, T, H, DK)
+            dot_ = _load(do, bi, h, tq, d, T, H, D)
+            pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+            ls = tl.load(pr, mask=mr, other=0.0)
+            dl = tl.load(_row_ptrs(delta, bi, h, tq, T, H)[0], mask=mr, other=0.0)
+            pw = tl.exp(_scores(qt, kt, tq, tk, ok, W, scale, PREC) - ls[:, None])
+            dvt = tl.dot(tl.trans(pw).to(dot_.dtype), dot_, acc=dvt, input_precision=PREC)
+            ds = pw * (tl.dot(dot_, tl.trans(vt), input_precision=PREC) - dl[:, None])
+            dkt = tl.dot(tl.trans(ds).to(qt.dtype), qt, acc=dkt, input_precision=PREC)
+    _store(dk, dkt * scale, bi, hv, tk, x, T, HKV, DK)
+    _store(dv, dvt, bi, hv, tk, d, T, HKV, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _band(window: int, c: int) -> int:
+    return -(-(window - 1) // c) if window > 1 else 0
+
+
+class _SWA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink_k, sink_v, sink_pos, sink_ok, valid, window, scale, chunk):
+        b, t, h, dk = q.shape
+        hkv, d = k.shape[2], v.shape[-1]
+        c, p = chunk, _band(window, chunk)
+        n = triton.cdiv(t, c)
+        has_sinks = sink_k is not None
+        nsink = sink_k.shape[1] if has_sinks else 0
+        bk, bd, bs = _p2(dk), _p2(d), _p2(nsink)
+        prec = _prec(v.dtype)
+        o = torch.empty(b, t, h, d, device=q.device, dtype=v.dtype)
+        lse = torch.empty(b, t, h, device=q.device, dtype=torch.float32)
+        sinks = (sink_k, sink_v, sink_pos, sink_ok) if has_sinks else (q, q, q, q)
+        _fwd[(n, b * h)](
+            q, k, v, *sinks, valid if valid is not None else q, o, lse, t, window, p, nsink, scale, DEN_EPS,
+            H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, BS=bs, HAS_VALID=valid is not None, HAS_SINKS=has_sinks,
+            PREC=prec, **_launch_opts(c * max(bk, bd)))
+        ctx.save_for_backward(q, k, v, sink_k, sink_v, sink_pos, sink_ok, valid, o, lse)
+        ctx.cfg = (window, scale, c, p)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, sink_k, sink_v, sink_pos, sink_ok, valid, o, lse = ctx.saved_tensors
+        window, scale, c, p = ctx.cfg
+        b, t, h, dk = q.shape
+        hkv, d = k.shape[2], v.shape[-1]
+        n = triton.cdiv(t, c)
+        has_sinks = sink_k is not None
+        nsink = sink_k.shape[1] if has_sinks else 0
+        bk, bd, bs = _p2(dk), _p2(d), _p2(nsink)
+        prec = _prec(v.dtype)
+        do = do.contiguous()
+        vmask = valid if valid is not None else q
+        sink_grad = has_sinks and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        dq = torch.empty_like(q)
+        delta = torch.empty_like(lse)
+        dsk = torch.zeros(sink_k.shape, device=q.device, dtype=torch.float32) if sink_grad else q
+        dsv = torch.zeros(sink_v.shape, device=q.device, dtype=torch.float32) if sink_grad else q
+        sinks = (sink_k, sink_v, sink_pos, sink_ok) if has_sinks else (q, q, q, q)
+        common = dict(H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, HAS_VALID=valid is not None, PREC=prec)
+        _bwd_dq[(n, b * h)](
+            q, k, v, *sinks, vmask, o, do, lse, delta, dq, dsk, dsv, t, window, p, nsink, scale, BS=bs,
+            HAS_SINKS=has_sinks, SINK_GRAD=sink_grad, **common, **_launch_opts(c * max(bk, bd)))
+        dk_ = torch.empty_like(k)
+        dv_ = torch.empty_like(v)
+        _bwd_dkv[(n, b * hkv)](q, k, v, vmask, do, lse, delta, dk_, dv_, t, window, p, scale, **common,
+                               **_launch_opts(c * max(bk, bd)))
+        dsk_out = dsk.to(sink_k.dtype) if sink_grad else None
+        dsv_out = dsv.to(sink_v.dtype) if sink_grad else None
+        return dq, dk_, dv_, dsk_out, dsv_out, None, None, None, None, None, None
+
+
+def chunk_swa(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64):
+    """Same contract as `chunk_swa_torch`: returns o [B, T, H, D] in v.dtype.
+
+    sinks: optional (sink_k [B, S, Hkv, D], sink_v [B, S, Hkv, D], sink_pos [B, S], sink_valid [B, S]), positions in
+    this call's frame; a sink counts for query i once pos <= i - window. Differentiable in q, k, v, sink_k, sink_v.
+    """
+    dt = v.dtype
+    q, k = q.to(dt).contiguous(), k.to(dt).contiguous()
+    v = v.contiguous()
+    c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    vmask = None if valid is None else valid.to(torch.uint8).contiguous()
+    sk = sv = spos = sok = None
+    if sinks is not None:
+        sk, sv, spos, sok = sinks
+        sk, sv = sk.to(dt).contiguous(), sv.to(dt).contiguous()
+        spos, sok = spos.to(torch.int64).contiguous(), sok.to(torch.uint8).contiguous()
+    return _SWA.apply(q, k, v, sk, sv, spos, sok, vmask, int(window), float(scale), c)

@@ -1,0 +1,320 @@
+"""The Triton kernels against the PyTorch references, on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+Forward outputs, final states and every gradient are compared with naive.py (or torch_chunk.py where an initial
+state is involved) in float64, by relative error ||out - ref|| / ||ref||. Tolerances: fp32 inputs 1e-5 (the
+interpreter multiplies in exact fp32; we see ~1e-7..1e-6), fp16 inputs 5e-3 (we see ~3e-4..1e-3). bf16 is left to the
+GPU checks in bench/kernels.py: the interpreter's bf16 tl.dot is wrong (Triton 3.9), whatever the kernel.
+
+Shapes are small and chunks are 16 tokens so that a few dozen tokens already span several chunks, segments and
+window bands; the interpreter runs every program in Python, so each case costs seconds.
+"""
+
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import: @triton.jit reads it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lincat.modeling import ops  # noqa: E402
+from lincat.modeling.cache import sinks_of, update_sinks  # noqa: E402
+from lincat.modeling.kernels.gla import chunk as gla_k  # noqa: E402
+from lincat.modeling.kernels.gla.naive import naive_gla  # noqa: E402
+from lincat.modeling.kernels.gla.torch_chunk import chunk_gla_torch  # noqa: E402
+from lincat.modeling.kernels.linear_attn import chunk as la_k  # noqa: E402
+from lincat.modeling.kernels.linear_attn.naive import naive_linear_attn  # noqa: E402
+from lincat.modeling.kernels.linear_attn.torch_chunk import chunk_linear_attn_torch  # noqa: E402
+from lincat.modeling.kernels.swa import chunk as swa_k  # noqa: E402
+from lincat.modeling.kernels.swa.naive import naive_swa  # noqa: E402
+from lincat.modeling.kernels.window_linear_attn import chunk as win_k  # noqa: E402
+from lincat.modeling.kernels.window_linear_attn.naive import naive_window_linear_attn  # noqa: E402
+from lincat.modeling.kernels.window_linear_attn.torch_chunk import chunk_window_linear_attn_torch  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run Triton's interpreter on CPU tensors", allow_module_level=True)
+
+# A kernel module imported earlier in this process without the interpreter holds compiled-mode kernels.
+for _m in (gla_k, la_k, swa_k, win_k):
+    importlib.reload(_m)
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+C = 16  # chunk size
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def close(name, a, b, tol):
+    assert a.shape == b.shape, name
+    assert torch.isfinite(a).all(), name
+    err = rel(a, b)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def tensors(seed, *shapes, positive=()):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(*s, generator=g) if i in positive else torch.randn(*s, generator=g) for i, s in enumerate(shapes)]
+
+
+def padding(b, t):
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[-1, :5] = False  # left padding on the last row
+    return valid
+
+
+def run_both(fn, ref_fn, inputs, dtype, extra_loss=None):
+    """Forward and backward of the kernel (inputs cast to dtype) and of the reference (float64), with the same
+    random output weights. Returns (outs, grads, ref_outs, ref_grads)."""
+    ours = [x.detach().to(dtype).requires_grad_() if x.is_floating_point() else x for x in inputs]
+    ref = [x.detach().double().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    out, rout = fn(*ours), ref_fn(*ref)
+    g = torch.Generator().manual_seed(123)
+    ws = [torch.randn(o.shape, generator=g) for o in out]
+    sum(((o.float() * w).sum() for o, w in zip(out, ws)), torch.zeros(())).backward()
+    sum(((o * w.double()).sum() for o, w in zip(rout, ws)), torch.zeros((), dtype=torch.float64)).backward()
+    grads = [x.grad if x.is_floating_point() else None for x in ours]
+    rgrads = [x.grad if x.is_floating_point() else None for x in ref]
+    return out, grads, rout, rgrads
+
+
+@pytest.fixture(autouse=True)
+def _tune():
+    """Reset the kernels' knobs after each test."""
+    yield
+    for m in (gla_k, la_k, win_k):
+        m.TUNE.update(seg_chunks=None, split_bwd=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# window_linear_attn
+
+
+@pytest.mark.parametrize(
+    "t, window, h, hkv, hk, seg, split, dtype",
+    [
+        (37, 8, 2, 1, 2, 1, False, torch.float32),  # state per query head, GQA k/v; 3 segments of one chunk
+        (37, 8, 4, 2, 2, None, True, torch.float32),  # state shared by a query-head group; two-launch backward
+        (20, 24, 2, 1, 2, None, False, torch.float32),  # T < window: no linear term at all
+        (21, 1, 2, 1, 2, None, False, torch.float32),  # window of one token
+        (45, 20, 2, 2, 2, 2, False, torch.float32),  # window wider than a chunk (band of 2 chunks), 2 segments
+        (37, 8, 2, 1, 2, None, False, torch.float16),
+    ],
+)
+def test_window_linear_attn(t, window, h, hkv, hk, seg, split, dtype):
+    win_k.TUNE.update(seg_chunks=seg, split_bwd=split)
+    b, d, f = 2, 16, 16
+    q, k, v, qf, kf, gamma = tensors(t, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, h, f), (b, t, hk, f), (h,),
+                                     positive=(3, 4, 5))
+    valid, scale = padding(b, t), d**-0.5
+    out, grads, rout, rgrads = run_both(
+        lambda *x: win_k.chunk_window_linear_attn(*x, window, scale, valid, chunk_size=C)[:1],
+        lambda *x: (naive_window_linear_attn(*x, window, scale, valid),),
+        [q, k, v, qf, kf, gamma], dtype)
+    tol = TOL[dtype]
+    close("o", out[0], rout[0], tol)
+    for name, a, r in zip(("dq", "dk", "dv", "dqf", "dkf"), grads, rgrads):
+        close(name, a, r, tol)
+    if t <= window:  # o no longer depends on gamma (it cancels): compare on the scale of the other gradients
+        assert (grads[5] - rgrads[5]).abs().max() < tol * rgrads[3].abs().max()
+    else:
+        close("dgamma", grads[5], rgrads[5], tol)
+
+
+def test_window_linear_attn_states():
+    """Initial state in, final state out (both differentiable), against the chunked PyTorch form; 3 segments."""
+    win_k.TUNE.update(seg_chunks=1)
+    b, t, h, hkv, d, f, window = 2, 37, 2, 1, 16, 16, 8
+    q, k, v, qf, kf, gamma, s0, z0 = tensors(
+        1, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, h, f), (b, t, h, f), (h,), (b, h, f, d), (b, h, f),
+        positive=(3, 4, 5, 6, 7))
+    valid, scale = padding(b, t), d**-0.5
+
+    def ours(q, k, v, qf, kf, gamma, s0, z0):
+        o, (s, z) = win_k.chunk_window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid, (s0, z0), True, C)
+        return o, s, z
+
+    def ref(q, k, v, qf, kf, gamma, s0, z0):
+        o, (s, z) = chunk_window_linear_attn_torch(q, k, v, qf, kf, gamma, window, scale, valid, (s0, z0), True, C)
+        return o, s, z
+
+    out, grads, rout, rgrads = run_both(ours, ref, [q, k, v, qf, kf, gamma, s0, z0], torch.float32)
+    for name, a, r in zip(("o", "S", "z"), out, rout):
+        close(name, a, r, 1e-5)
+    for name, a, r in zip(("dq", "dk", "dv", "dqf", "dkf", "dgamma", "dS0", "dz0"), grads, rgrads):
+        close(name, a, r, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# linear_attn
+
+
+@pytest.mark.parametrize(
+    "t, h, hk, hv, seg, split, dtype",
+    [
+        (37, 2, 2, 1, 1, False, torch.float32),  # state per query head, v shared by two state heads; 3 segments
+        (37, 4, 2, 2, None, True, torch.float32),  # state shared by a query-head group; two-launch backward
+        (5, 2, 2, 1, None, False, torch.float32),  # shorter than a chunk
+        (37, 2, 2, 1, None, False, torch.float16),
+    ],
+)
+def test_linear_attn(t, h, hk, hv, seg, split, dtype):
+    la_k.TUNE.update(seg_chunks=seg, split_bwd=split)
+    b, d, f = 2, 16, 24  # f not a power of two: masked feature columns
+    qf, kf, v = tensors(t + 1, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), positive=(0, 1))
+    valid = padding(b, t)
+    # naive, not torch_chunk: the latter's gradients are off for rows that see no key (left padding), where
+    # 1/den is 1/DEN_EPS and `kv.cumsum(1) - kv` cancels catastrophically
+    out, grads, rout, rgrads = run_both(
+        lambda *x: la_k.chunk_linear_attn(*x, valid, chunk_size=C)[:1],
+        lambda *x: (naive_linear_attn(*x, valid),), [qf, kf, v], dtype)
+    close("o", out[0], rout[0], TOL[dtype])
+    for name, a, r in zip(("dqf", "dkf", "dv"), grads, rgrads):
+        close(name, a, r, TOL[dtype])
+
+
+@pytest.mark.parametrize("seg", [None, 1])
+def test_linear_attn_states(seg):
+    la_k.TUNE.update(seg_chunks=seg)
+    b, t, h, hk, hv, d, f = 2, 37, 2, 2, 1, 16, 16
+    qf, kf, v, s0, z0 = tensors(2, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), (b, hk, f, d), (b, hk, f),
+                                positive=(0, 1, 3, 4))
+    valid = padding(b, t)
+
+    def ours(qf, kf, v, s0, z0):
+        o, (s, z) = la_k.chunk_linear_attn(qf, kf, v, valid, (s0, z0), True, C)
+        return o, s, z
+
+    def ref(qf, kf, v, s0, z0):
+        o, (s, z) = chunk_linear_attn_torch(qf, kf, v, valid, (s0, z0), True, C)
+        return o, s, z
+
+    out, grads, rout, rgrads = run_both(ours, ref, [qf, kf, v, s0, z0], torch.float32)
+    for name, a, r in zip(("o", "S", "z"), out, rout):
+        close(name, a, r, 1e-5)
+    for name, a, r in zip(("dqf", "dkf", "dv", "dS0", "dz0"), grads, rgrads):
+        close(name, a, r, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gla
+
+
+@pytest.mark.parametrize(
+    "t, h, hk, hv, split, dtype",
+    [
+        (37, 2, 1, 1, False, torch.float32),
+        (37, 4, 2, 1, True, torch.float32),  # GQA both ways, two-launch backward
+        (37, 2, 1, 1, False, torch.float16),  # fp16 takes the exact path on chunks that decay by more than e^8
+    ],
+)
+def test_gla(t, h, hk, hv, split, dtype):
+    gla_k.TUNE.update(split_bwd=split)
+    b, d, f = 2, 16, 16
+    qf, kf, v, g = tensors(t + 2, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), (b, t, hk, f), positive=(0, 1))
+    g = F.logsigmoid(g)
+    valid = padding(b, t)
+    out, grads, rout, rgrads = run_both(
+        lambda *x: gla_k.chunk_gla(*x, valid, chunk_size=C)[:1],
+        lambda *x: (naive_gla(*x, valid),), [qf, kf, v, g], dtype)
+    close("o", out[0], rout[0], TOL[dtype])
+    for name, a, r in zip(("dqf", "dkf", "dv", "dg"), grads, rgrads):
+        close(name, a, r, TOL[dtype])
+
+
+def test_gla_strong_decay():
+    """Gates 200x logsigmoid: every chunk takes the exact path. dg is then a near-total cancellation of
+    qf dqf - kf dkf (its true size is ~3e-4 of the summands), so it is compared on the summands' scale."""
+    b, t, h, hk, hv, d, f = 2, 20, 2, 1, 1, 16, 16
+    qf, kf, v, g = tensors(3, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), (b, t, hk, f), positive=(0, 1))
+    g = F.logsigmoid(g) * 200
+    out, grads, rout, rgrads = run_both(lambda *x: gla_k.chunk_gla(*x, chunk_size=C)[:1],
+                                        lambda *x: (naive_gla(*x),), [qf, kf, v, g], torch.float32)
+    close("o", out[0], rout[0], 1e-5)
+    for name, a, r in zip(("dqf", "dkf", "dv"), grads, rgrads):
+        close(name, a, r, 1e-5)
+    summands = (rgrads[1].abs() * kf.double()).max()
+    assert (grads[3] - rgrads[3]).abs().max() < 1e-5 * summands
+
+
+@pytest.mark.parametrize("seg", [None, 1])
+def test_gla_states(seg):
+    gla_k.TUNE.update(seg_chunks=seg)
+    b, t, h, hk, hv, d, f = 2, 37, 2, 2, 1, 16, 16
+    qf, kf, v, g, s0 = tensors(4, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), (b, t, hk, f), (b, hk, f, d),
+                               positive=(0, 1))
+    g = F.logsigmoid(g)
+    valid = padding(b, t)
+    out, grads, rout, rgrads = run_both(
+        lambda qf, kf, v, g, s0: gla_k.chunk_gla(qf, kf, v, g, valid, s0, True, C),
+        lambda qf, kf, v, g, s0: chunk_gla_torch(qf, kf, v, g, valid, s0, True, C),
+        [qf, kf, v, g, s0], torch.float32)
+    for name, a, r in zip(("o", "S"), out, rout):
+        close(name, a, r, 1e-5)
+    for name, a, r in zip(("dqf", "dkf", "dv", "dg", "dS0"), grads, rgrads):
+        close(name, a, r, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# swa
+
+
+@pytest.mark.parametrize(
+    "t, window, n_sinks, h, hkv, dtype",
+    [
+        (37, 8, 3, 4, 2, torch.float32),
+        (21, 1, 2, 2, 1, torch.float32),  # window of one token: the sinks carry the rest
+        (20, 64, 0, 2, 2, torch.float32),  # T < window
+        (37, 8, 0, 2, 1, torch.float16),
+    ],
+)
+def test_swa(t, window, n_sinks, h, hkv, dtype):
+    b, d = 2, 16
+    q, k, v = tensors(t + 3, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d))
+    valid, scale = padding(b, t), d**-0.5
+
+    def sinks_of_keys(k, v):  # the sinks are the first real tokens: their gradient flows back into k and v
+        if not n_sinks:
+            return None
+        st = dict(sink_k=k.new_zeros(b, n_sinks + 1, hkv, d), sink_v=v.new_zeros(b, n_sinks + 1, hkv, d),
+                  sink_pos=torch.zeros(b, n_sinks + 1, dtype=torch.long),
+                  sink_valid=torch.zeros(b, n_sinks + 1, dtype=torch.bool), n_valid=torch.zeros(b, dtype=torch.long))
+        update_sinks(st, k, v, valid, 0)
+        return sinks_of(st)
+
+    out, grads, rout, rgrads = run_both(
+        lambda q, k, v: (swa_k.chunk_swa(q, k, v, window, scale, valid, sinks_of_keys(k, v), C),),
+        lambda q, k, v: (naive_swa(q, k, v, window, scale, n_sinks, valid),), [q, k, v], dtype)
+    close("o", out[0], rout[0], TOL[dtype])
+    for name, a, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        close(name, a, r, TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dispatch: ops.py calls the kernels positionally, exactly like the PyTorch forms
+
+
+def test_ops_dispatch_matches_torch():
+    b, t, h, hkv, d, f, window = 1, 20, 2, 1, 16, 16, 8
+    q, k, v, qf, kf, g, gamma = tensors(5, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, h, f), (b, t, h, f),
+                                        (b, t, hkv, d), (h,), positive=(3, 4, 6))
+    g = F.logsigmoid(g)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    scale = d**-0.5
+    calls = [
+        lambda be: ops.linear_attn(qf, kf, v, valid, None, True, C, backend=be),
+        lambda be: ops.window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid, None, True, C, backend=be),
+        lambda be: ops.gla(qf[:, :, :1], kf[:, :, :1], v, g, valid, None, True, backend=be),
+        lambda be: (ops.swa(q, k, v, window, scale, valid, None, C, backend=be),),
+    ]
+    for call in calls:
+        ours, ref = call("triton"), call("torch")
+        close("o", ours[0], ref[0], 1e-5)
+        if len(ours) > 1:  # final state: S, or (S, z)
+            for a, c in zip(*(x if isinstance(x, tuple) else (x,) for x in (ours[1], ref[1]))):
+                close("state", a, c, 1e-5)

@@ -46,14 +46,15 @@ def plan_layers(infos, attention: AttentionConfig) -> list[LayerSpec]:
     return specs
 
 
-def convert(model: nn.Module, recipe: "str | Recipe | dict" = "lolcats", backend: str = "auto", **overrides) -> nn.Module:
+def convert(model: nn.Module, recipe: "str | Recipe | dict" = "lolcats", backend: str | None = None, **overrides) -> nn.Module:
     """Replace every softmax attention of `model` with the recipe's lincat attention, in place, and return it.
 
     recipe: a name in recipes/ (hedgehog, lolcats, liger, swa), a YAML path, or a Recipe.
+    backend: "torch", "triton" or "auto" (Triton on CUDA when installed); None reads LINCAT_BACKEND, else "auto".
     overrides: attention settings, e.g. window=32, kind="hedgehog", softmax_layers=[0, -1], gqa_shared=True.
     The original q/k/v/o projections are reused under their names, so the base state dict still loads.
     """
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if lincat_modules(model):
         raise ValueError("this model is already converted (it has lincat attention layers)")

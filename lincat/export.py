@@ -268,7 +268,7 @@ def register_auto_classes():
         pass
 
 
-def load(path, dtype=None, device_map=None, backend: str = "auto", adapter: bool = True):
+def load(path, dtype=None, device_map=None, backend: str | None = None, adapter: bool = True):
     """A trainable lincat model from an export folder (a second round of training, a different stage 2, eval).
 
     Built from the lincat package's own classes, so every lincat API (attention modes, training) applies. A folder

@@ -79,8 +79,11 @@ def prepare_run_dir(out: Path, recipe, overrides, resume: bool) -> Recipe:
 
 
 def run(model_id: str, recipe="lolcats", data: str | None = None, out: str = "lincat-out", overrides=None,
-        resume: bool = False, on_step=None, export: bool = True) -> dict:
-    """Convert `model_id` with `recipe`, train both stages and export to `out`. Returns the run summary."""
+        resume: bool = False, on_step=None, export: bool = True, after_stage=None) -> dict:
+    """Convert `model_id` with `recipe`, train both stages and export to `out`. Returns the run summary.
+
+    on_step(stage) runs after every optimizer step; after_stage(name, model) after each stage (e.g. to evaluate).
+    """
     from accelerate import Accelerator
 
     out = Path(out)
@@ -118,6 +121,8 @@ def run(model_id: str, recipe="lolcats", data: str | None = None, out: str = "li
         stage = Stage("stage1", rec.stage1, rec.runtime, packed, attn, lambda b: transfer_loss(model, b),
                       lambda b: transfer_loss(model, b)[0], out, acc, on_step)
         summary["stages"]["stage1"] = vars(stage.run(resume, model))
+        if after_stage is not None:
+            after_stage("stage1", model)
     elif rec.stage1.max_steps > 0:
         console.print(f"[dim]stage1: skipped ({rec.attention.kind} adds no parameters to transfer)[/dim]")
 
@@ -133,6 +138,8 @@ def run(model_id: str, recipe="lolcats", data: str | None = None, out: str = "li
                       lambda b: recovery_loss(peft_model, b, rec.stage2), lambda b: eval_ce(peft_model, b),
                       out, acc, on_step)
         summary["stages"]["stage2"] = vars(stage.run(resume, peft_model))
+        if after_stage is not None:
+            after_stage("stage2", peft_model)
         if acc.is_main_process:
             write_atomic(train_dir / "adapter", lambda t: peft_model.save_pretrained(str(t)))
         model = peft_model.merge_and_unload()

@@ -9,6 +9,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 LINCAT_REF = SHARED / "models" / "lincat-ref"
 
+# Triton kernels run in its interpreter on CPU-only machines (CI). This must be set before anything imports triton:
+# triton.language's own helpers (tl.sum, tl.max, ...) are built in one mode at import, and importing lincat imports
+# triton (through torch), so a test module setting it at collection is too late once another module imported lincat.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -26,7 +26,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .cache import layer_cache, ordered_window, sinks_of, store_window, update_sinks
 from .configuration_lincat import LayerSpec, LincatConfig
 from .feature_maps import HedgehogFeatureMap, softmax_features
-from .ops import gla, gla_step, linear_attn, linear_attn_step, swa, swa_step, window_linear_attn, window_linear_attn_step
+from .ops import (gla, hedgehog_step, liger_step, linear_attn, lolcats_step, preload_steps, swa, swa_step,
+                  window_linear_attn)
 
 MODES = ("student", "teacher", "transfer")
 
@@ -42,11 +43,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
-def token_validity(attention_mask, t: int) -> torch.Tensor | None:
+def token_validity(attention_mask, t: int, cache=None) -> torch.Tensor | None:
     """[B, t] bool, False for padding among the t new tokens, read off whatever mask the model built.
 
     A 4D mask's diagonal says whether each new token may see itself, i.e. whether it is a real token; the diagonal
-    (not the last row) stays right under a base model's own sliding-window masks.
+    (not the last row) stays right under a base model's own sliding-window masks. Under a static cache the mask's
+    columns are cache slots: the new tokens' columns are the layer's device-side positions (no host sync).
     """
     if attention_mask is None:
         return None
@@ -58,7 +60,14 @@ def token_validity(attention_mask, t: int) -> torch.Tensor | None:
     if attention_mask.dim() == 2:
         return attention_mask[:, -t:].bool()
     if attention_mask.dim() == 4:
-        diag = attention_mask[:, 0, -t:, -t:].diagonal(dim1=-2, dim2=-1)
+        if cache is not None and cache.is_static and attention_mask.shape[-1] == cache.max_cache_len:
+            rows = attention_mask[:, 0, -t:, :]
+            pos = cache.state["pos"] if cache.state else torch.zeros(rows.shape[0], dtype=torch.long,
+                                                                         device=rows.device)
+            cols = pos[:, None] + torch.arange(t, device=rows.device)
+            diag = rows.expand(pos.shape[0], -1, -1).gather(2, cols[:, :, None])[..., 0]
+        else:
+            diag = attention_mask[:, 0, -t:, -t:].diagonal(dim1=-2, dim2=-1)
         return diag if diag.dtype == torch.bool else diag == 0
     raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
 
@@ -124,8 +133,9 @@ class LincatAttention(nn.Module):
         cos, sin = position_embeddings
         qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.mode == "student":
-            valid = token_validity(attention_mask, t)
-            o = self.attend(q, k, v, qr, kr, valid, layer_cache(past_key_values, self.layer_idx))
+            cache = layer_cache(past_key_values, self.layer_idx)
+            valid = token_validity(attention_mask, t, cache)
+            o = self.attend(q, k, v, qr, kr, valid, cache)
         else:
             if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
                 raise ValueError("teacher/transfer mode runs whole sequences: call it without a filled cache")
@@ -137,7 +147,11 @@ class LincatAttention(nn.Module):
         return self.o_proj(o.reshape(b, t, -1).to(hidden_states.dtype)), None
 
     def attend(self, q, k, v, qr, kr, valid, cache):
-        """q/k/v before RoPE and qr/kr after, all [B, T, heads, D]; valid [B, T] or None -> o [B, T, H, D]."""
+        """q/k/v before RoPE and qr/kr after, all [B, T, heads, D]; valid [B, T] or None -> o [B, T, H, D].
+
+        With a cache, T == 1 is a decode step: one fused op (ops.*_step) updates the state, the ring and `pos` in
+        place, with no host sync, so it can run inside a CUDA graph. T > 1 runs the chunked form from the state.
+        """
         raise NotImplementedError
 
     def state_shapes(self, b: int, dtype) -> dict:
@@ -149,13 +163,18 @@ class LincatAttention(nn.Module):
             return x
         return x.repeat_interleave(self.num_key_value_groups, dim=2)
 
-    def _window_shapes(self, b, dtype):
-        w, hkv, d = self.spec.window, self.num_kv_heads, self.head_dim
+    def _window_shapes(self, b, dtype, ring=None):
+        """The ring buffer: `ring` slots (default: the window) for the last W keys/values."""
+        r, hkv, d = ring or self.spec.window, self.num_kv_heads, self.head_dim
         return {
-            "win_k": ((b, w, hkv, d), dtype),
-            "win_v": ((b, w, hkv, d), dtype),
-            "win_valid": ((b, w), torch.bool),
+            "win_k": ((b, r, hkv, d), dtype),
+            "win_v": ((b, r, hkv, d), dtype),
+            "win_valid": ((b, r), torch.bool),
         }
+
+    def _begin_chunk(self, cache):
+        """Eager-only bookkeeping before a multi-token call: load the fused step kernels for the decode to come."""
+        preload_steps(self.backend, self._device)
 
     def _extend(self, cache, state, q, k, v, valid, *qlike):
         """Prepend the ring buffer (oldest first) to k/v/valid and zeros to the query-like tensors, so a chunked op
@@ -164,7 +183,7 @@ class LincatAttention(nn.Module):
         valid = torch.ones(b, t, dtype=torch.bool, device=k.device) if valid is None else valid
         if cache.seen == 0:
             return (0, k, v, valid, q, *qlike)
-        wk, wv, wok = ordered_window(state, cache.seen)
+        wk, wv, wok = ordered_window(state, state["pos"], self.spec.window)
         w = wk.shape[1]
         pad = lambda x: torch.cat([x.new_zeros(b, w, *x.shape[2:]), x], 1)  # noqa: E731
         return (w, torch.cat([wk.to(k.dtype), k], 1), torch.cat([wv.to(v.dtype), v], 1), torch.cat([wok, valid], 1),
@@ -192,20 +211,24 @@ class HedgehogAttention(LincatAttention):
         return {"S": ((b, hs, f, d), torch.float32), "z": ((b, hs, f), torch.float32)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
-        qf, kf = self.feature_map_q(qr), self.feature_map_k(self._state_keys(kr))
         cs, be = self.spec.chunk_size, self.backend
+        t = q.shape[1]
+        if cache is not None and t == 1:
+            st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
+            o = hedgehog_step(qr[:, 0], kr[:, 0], v[:, 0], self.feature_map_q.weight, self.feature_map_k.weight, st,
+                              None if valid is None else valid[:, 0], backend=be)[:, None]
+            cache.advance(1)
+            return o
+        qf, kf = self.feature_map_q(qr), self.feature_map_k(self._state_keys(kr))
         if cache is None:
             return linear_attn(qf, kf, v, valid, chunk_size=cs, backend=be)[0]
         st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
-        t = q.shape[1]
-        if t == 1:
-            o = linear_attn_step(qf[:, 0], kf[:, 0], v[:, 0], (st["S"], st["z"]),
-                                 None if valid is None else valid[:, 0], backend=be)[:, None]
-        else:
-            o, (s, z) = linear_attn(qf, kf, v, valid, (st["S"], st["z"]), True, cs, backend=be)
-            st["S"].copy_(s)
-            st["z"].copy_(z)
-        cache.seen += t
+        self._begin_chunk(cache)
+        o, (s, z) = linear_attn(qf, kf, v, valid, (st["S"], st["z"]), True, cs, backend=be)
+        st["S"].copy_(s)
+        st["z"].copy_(z)
+        st["pos"].add_(t)
+        cache.advance(t)
         return o
 
 
@@ -221,32 +244,36 @@ class LolcatsAttention(HedgehogAttention):
             self.window_factor.fill_(math.log(p / (1 - p)))
 
     def state_shapes(self, b, dtype):
-        return {**super().state_shapes(b, dtype), **self._window_shapes(b, dtype)}
+        # one ring slot more than the window: the decode step reads the token leaving the window from one slot while
+        # it writes the new token to another (see cache.py)
+        return {**super().state_shapes(b, dtype), **self._window_shapes(b, dtype, self.spec.window + 1)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
         spec, be = self.spec, self.backend
         gamma = torch.sigmoid(self.window_factor)
+        t = q.shape[1]
+        if cache is not None and t == 1:
+            st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
+            o = lolcats_step(qr[:, 0], kr[:, 0], v[:, 0], self.feature_map_q.weight, self.feature_map_k.weight, gamma,
+                             self.scaling, spec.window, st, None if valid is None else valid[:, 0], backend=be)
+            cache.advance(1)
+            return o[:, None]
         qf = self.feature_map_q(qr)
         phi_k = lambda x: self.feature_map_k(self._state_keys(x))  # noqa: E731
         if cache is None:
             return window_linear_attn(qr, kr, v, qf, phi_k(kr), gamma, spec.window, self.scaling, valid,
                                       chunk_size=spec.chunk_size, backend=be)[0]
         st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
-        t = q.shape[1]
-        if t == 1:
-            slot = cache.seen % spec.window
-            kf_old = phi_k(st["win_k"][:, slot, None])[:, 0]
-            o = window_linear_attn_step(qr[:, 0], kr[:, 0], v[:, 0], qf[:, 0], kf_old, gamma, self.scaling, st, slot,
-                                        None if valid is None else valid[:, 0], backend=be)[:, None]
-        else:
-            n, k_x, v_x, ok_x, q_x, qf_x = self._extend(cache, st, qr, kr, v, valid, qf)
-            o, (s, z) = window_linear_attn(q_x, k_x, v_x, qf_x, phi_k(k_x), gamma, spec.window, self.scaling, ok_x,
-                                           (st["S"], st["z"]), True, spec.chunk_size, backend=be)
-            o = o[:, n:]
-            st["S"].copy_(s)
-            st["z"].copy_(z)
-            store_window(st, k_x, v_x, ok_x, cache.seen + t)
-        cache.seen += t
+        self._begin_chunk(cache)
+        n, k_x, v_x, ok_x, q_x, qf_x = self._extend(cache, st, qr, kr, v, valid, qf)
+        o, (s, z) = window_linear_attn(q_x, k_x, v_x, qf_x, phi_k(k_x), gamma, spec.window, self.scaling, ok_x,
+                                       (st["S"], st["z"]), True, spec.chunk_size, backend=be)
+        o = o[:, n:]
+        st["S"].copy_(s)
+        st["z"].copy_(z)
+        store_window(st, k_x, v_x, ok_x, st["pos"] + t, spec.window)
+        st["pos"].add_(t)
+        cache.advance(t)
         return o
 
 
@@ -260,6 +287,13 @@ class LigerAttention(LincatAttention):
 
     def attend(self, q, k, v, qr, kr, valid, cache):
         spec, be = self.spec, self.backend
+        t = q.shape[1]
+        if cache is not None and t == 1:
+            st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
+            o = liger_step(q[:, 0], k[:, 0], qr[:, 0], kr[:, 0], v[:, 0], spec.gate_norm, spec.mix, self.scaling, st,
+                           None if valid is None else valid[:, 0], backend=be)
+            cache.advance(1)
+            return o[:, None]
         qf, kf = softmax_features(q), softmax_features(k)
         g = F.logsigmoid(k.float()) / spec.gate_norm
         if cache is None:
@@ -267,21 +301,15 @@ class LigerAttention(LincatAttention):
             o_swa = swa(qr, kr, v, spec.window, self.scaling, valid, chunk_size=spec.chunk_size, backend=be)
         else:
             st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
-            t = q.shape[1]
-            if t == 1:
-                ok = None if valid is None else valid[:, 0]
-                o_gla = gla_step(qf[:, 0], kf[:, 0], v[:, 0], g[:, 0], st["S"], ok, backend=be)[:, None]
-                slot = cache.seen % spec.window
-                o_swa = swa_step(qr[:, 0], kr[:, 0], v[:, 0], self.scaling, st, slot, cache.seen, ok,
-                                 backend=be)[:, None]
-            else:
-                o_gla, s = gla(qf, kf, v, g, valid, st["S"], True, backend=be)
-                st["S"].copy_(s)
-                n, k_x, v_x, ok_x, q_x = self._extend(cache, st, qr, kr, v, valid)
-                o_swa = swa(q_x, k_x, v_x, spec.window, self.scaling, ok_x, chunk_size=spec.chunk_size,
-                            backend=be)[:, n:]
-                store_window(st, k_x, v_x, ok_x, cache.seen + t)
-            cache.seen += t
+            self._begin_chunk(cache)
+            o_gla, s = gla(qf, kf, v, g, valid, st["S"], True, backend=be)
+            st["S"].copy_(s)
+            n, k_x, v_x, ok_x, q_x = self._extend(cache, st, qr, kr, v, valid)
+            o_swa = swa(q_x, k_x, v_x, spec.window, self.scaling, ok_x, chunk_size=spec.chunk_size,
+                        backend=be)[:, n:]
+            store_window(st, k_x, v_x, ok_x, st["pos"] + t, spec.window)
+            st["pos"].add_(t)
+            cache.advance(t)
         return (spec.mix * o_gla.float() + (1 - spec.mix) * o_swa.float()).to(v.dtype)
 
 
@@ -313,18 +341,21 @@ class SlidingWindowAttention(LincatAttention):
                 sinks = sinks_of(st)
             return swa(qr, kr, v, spec.window, self.scaling, valid, sinks, spec.chunk_size, backend=be)
         st = cache.ensure(self.state_shapes(b, v.dtype), v.device)
+        if t == 1:  # the step records sinks itself
+            o = swa_step(qr[:, 0], kr[:, 0], v[:, 0], self.scaling, spec.window, st,
+                         None if valid is None else valid[:, 0], backend=be)[:, None]
+            cache.advance(1)
+            return o
+        self._begin_chunk(cache)
+        pos = st["pos"]
         if spec.sinks:
-            update_sinks(st, kr, v, ok, cache.seen)
-        if t == 1:
-            sinks = sinks_of(st) if spec.sinks else None
-            o = swa_step(qr[:, 0], kr[:, 0], v[:, 0], self.scaling, st, cache.seen % spec.window, cache.seen,
-                         None if valid is None else valid[:, 0], sinks, backend=be)[:, None]
-        else:
-            n, k_x, v_x, ok_x, q_x = self._extend(cache, st, qr, kr, v, valid)
-            sinks = sinks_of(st, offset=cache.seen - n) if spec.sinks else None
-            o = swa(q_x, k_x, v_x, spec.window, self.scaling, ok_x, sinks, spec.chunk_size, backend=be)[:, n:]
-            store_window(st, k_x, v_x, ok_x, cache.seen + t)
-        cache.seen += t
+            update_sinks(st, kr, v, ok, pos)
+        n, k_x, v_x, ok_x, q_x = self._extend(cache, st, qr, kr, v, valid)
+        sinks = sinks_of(st, offset=pos - n) if spec.sinks else None
+        o = swa(q_x, k_x, v_x, spec.window, self.scaling, ok_x, sinks, spec.chunk_size, backend=be)[:, n:]
+        store_window(st, k_x, v_x, ok_x, pos + t, spec.window)
+        pos.add_(t)
+        cache.advance(t)
         return o
 
 

@@ -6,13 +6,10 @@ import os
 import torch
 
 from .kernels.gla.torch_chunk import chunk_gla_torch
-from .kernels.gla.torch_recurrent import recurrent_gla_torch
 from .kernels.linear_attn.torch_chunk import chunk_linear_attn_torch
-from .kernels.linear_attn.torch_recurrent import recurrent_linear_attn_torch
+from .kernels.step_torch import hedgehog_step_torch, liger_step_torch, lolcats_step_torch, swa_step_torch
 from .kernels.swa.torch_chunk import chunk_swa_torch
-from .kernels.swa.torch_recurrent import recurrent_swa_torch
 from .kernels.window_linear_attn.torch_chunk import chunk_window_linear_attn_torch
-from .kernels.window_linear_attn.torch_recurrent import recurrent_window_linear_attn_torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -59,6 +56,14 @@ def _import_triton(name: str):
         from .kernels.gla.chunk import chunk_gla as fn
     elif name == "swa":
         from .kernels.swa.chunk import chunk_swa as fn
+    elif name == "hedgehog_step":
+        from .kernels.linear_attn.fused_recurrent import fused_hedgehog_step as fn
+    elif name == "lolcats_step":
+        from .kernels.window_linear_attn.fused_recurrent import fused_lolcats_step as fn
+    elif name == "liger_step":
+        from .kernels.gla.fused_recurrent import fused_liger_step as fn
+    elif name == "swa_step":
+        from .kernels.swa.fused_recurrent import fused_swa_step as fn
     else:
         return None
     return fn
@@ -80,32 +85,53 @@ def linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_state=Fa
                 initial_state, output_final_state, chunk_size)
 
 
-def linear_attn_step(qf, kf, v, state, valid=None, backend=None):
-    return _run("linear_attn_step", recurrent_linear_attn_torch, backend, qf.device, qf, kf, v, state, valid)
-
-
 def window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid=None, initial_state=None,
                        output_final_state=False, chunk_size=64, backend=None):
     return _run("window_linear_attn", chunk_window_linear_attn_torch, backend, q.device, q, k, v, qf, kf, gamma,
                 window, scale, valid, initial_state, output_final_state, chunk_size)
 
 
-def window_linear_attn_step(q, k, v, qf, kf_evicted, gamma, scale, state, slot, valid=None, backend=None):
-    return _run("window_linear_attn_step", recurrent_window_linear_attn_torch, backend, q.device, q, k, v, qf,
-                kf_evicted, gamma, scale, state, slot, valid)
-
-
 def gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, backend=None):
     return _run("gla", chunk_gla_torch, backend, qf.device, qf, kf, v, g, valid, initial_state, output_final_state)
-
-
-def gla_step(qf, kf, v, g, state, valid=None, backend=None):
-    return _run("gla_step", recurrent_gla_torch, backend, qf.device, qf, kf, v, g, state, valid)
 
 
 def swa(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64, backend=None):
     return _run("swa", chunk_swa_torch, backend, q.device, q, k, v, window, scale, valid, sinks, chunk_size)
 
 
-def swa_step(q, k, v, scale, state, slot, pos, valid=None, sinks=None, backend=None):
-    return _run("swa_step", recurrent_swa_torch, backend, q.device, q, k, v, scale, state, slot, pos, valid, sinks)
+# --- decode steps: one token per row, state updated in place (see kernels/step_torch.py). On the triton backend each is
+# one fused launch per layer (kernels/<op>/fused_recurrent.py): feature map, state update, ring write and readout.
+
+STEP_OPS = ("hedgehog_step", "lolcats_step", "liger_step", "swa_step")
+
+
+def preload_steps(backend, device) -> None:
+    """Import the fused step kernels now (from eager code), so a compiled or captured decode step finds them loaded."""
+    if resolve_backend(backend, device) == "triton":
+        for name in STEP_OPS:
+            _triton_kernel(name)
+        if device.type == "cuda" and _triton_kernel("hedgehog_step") is not None:
+            from .kernels.fused_utils import sms
+            sms(device)  # cached: the step's launch heuristics read it
+
+
+def hedgehog_step(qr, kr, v, wq, wk, state, valid=None, backend=None):
+    """qr [B, H, D], kr [B, Hkv, D], v [B, Hkv, Dv] (one token), hedgehog weights wq [H, D, Fh], wk [Hs, D, Fh];
+    state {S, z, pos, ticket} -> o [B, H, Dv]."""
+    return _run("hedgehog_step", hedgehog_step_torch, backend, qr.device, qr, kr, v, wq, wk, state, valid)
+
+
+def lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=None, backend=None):
+    """hedgehog_step plus the sliding window: state also holds the ring win_k / win_v [B, R, Hkv, D], win_valid."""
+    return _run("lolcats_step", lolcats_step_torch, backend, qr.device, qr, kr, v, wq, wk, gamma, scale, window,
+                state, valid)
+
+
+def liger_step(q, k, qr, kr, v, gate_norm, mix, scale, state, valid=None, backend=None):
+    """q/k before RoPE (GLA branch) and qr/kr after (window branch); state {S, win_*, pos, ticket}."""
+    return _run("liger_step", liger_step_torch, backend, q.device, q, k, qr, kr, v, gate_norm, mix, scale, state, valid)
+
+
+def swa_step(qr, kr, v, scale, window, state, valid=None, backend=None):
+    """Sliding-window softmax over the ring, plus sinks when the state has sink_* buffers."""
+    return _run("swa_step", swa_step_torch, backend, qr.device, qr, kr, v, scale, window, state, valid)

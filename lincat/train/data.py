@@ -8,7 +8,7 @@ import torch
 
 from ..recipe import DataConfig
 
-LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # and .npy token streams
 
 # The Stanford Alpaca prompt format, which the LoLCATs and Liger recipes train on.
 ALPACA_WITH_INPUT = (
@@ -157,7 +157,33 @@ def tokenize_and_pack(ds, tokenizer, cfg: DataConfig) -> PackedData:
 
 
 def load_data(cfg: DataConfig, tokenizer) -> PackedData:
+    if cfg.source.endswith(".npy"):
+        return pack_tokens(cfg)
     return tokenize_and_pack(load_records(cfg), tokenizer, cfg)
+
+
+def pack_tokens(cfg: DataConfig) -> PackedData:
+    """A pre-tokenized stream: a 1-D integer .npy array of token ids (documents already joined with BOS/EOS).
+    For corpora tokenized once and reused, and for machines without `datasets`."""
+    import numpy as np
+
+    path = Path(cfg.source).expanduser()
+    if not path.is_file():
+        raise DataError(f"token file {path} does not exist")
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"token file {path} must hold a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    n = len(arr) // cfg.seq_len
+    if n < cfg.val_sequences + 1:
+        raise DataError(f"token file {path} has {len(arr)} tokens, fewer than {cfg.val_sequences + 1} sequences of "
+                        f"data.seq_len={cfg.seq_len}: add data or lower data.seq_len")
+    blocks = torch.from_numpy(np.asarray(arr[: n * cfg.seq_len], dtype=np.int64)).view(n, cfg.seq_len)
+    g = torch.Generator().manual_seed(cfg.seed)
+    blocks = blocks[torch.randperm(n, generator=g)]
+    val, train = blocks[: cfg.val_sequences], blocks[cfg.val_sequences:]
+    if cfg.max_sequences:
+        train = train[: cfg.max_sequences]
+    return PackedData(train=train, val=val, source=cfg.source, documents=0)
 
 
 class BatchSampler:

@@ -14,6 +14,15 @@ import torch
 DEN_EPS = 1e-30
 
 
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with den [...] broadcast over num's last dim when num has one more dim; rows whose denominator is
+    below DEN_EPS (a query that sees no key: padding) give 0 with zero gradient instead of huge values."""
+    if num.dim() == den.dim() + 1:
+        den = den[..., None]
+    ok = den > DEN_EPS
+    return num * torch.where(ok, 1.0 / den.clamp_min(DEN_EPS), torch.zeros_like(den))
+
+
 def group_queries(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, T, H, F] -> [B, T, heads, H // heads, F]: query heads grouped by the state head they read."""
     b, t, h, f = x.shape
@@ -93,3 +102,29 @@ def shift_chunks(x: torch.Tensor, back: int) -> torch.Tensor:
     n = x.shape[1]
     zeros = x.new_zeros(x.shape[0], min(back, n), *x.shape[2:])
     return torch.cat([zeros, x[:, : max(n - back, 0)]], dim=1)
+
+
+def varlen_to_batch(cu_seqlens: torch.Tensor, *xs):
+    """Packed sequences ([1, total, ...] tensors with boundaries cu_seqlens [N + 1]) -> [N, Tmax, ...] rows, each
+    sequence right-aligned after left padding. Left padding keeps every op exact, final states included: padding
+    tokens contribute nothing and all come before the real ones. Returns (valid [N, Tmax], idx [N, Tmax], tensors);
+    idx maps each row position to its packed token (padding points at token 0 and is masked by valid)."""
+    cu = cu_seqlens.to(torch.long)
+    lens = cu[1:] - cu[:-1]
+    tmax = int(lens.max()) if lens.numel() else 0  # one host sync
+    pos = torch.arange(tmax, device=cu.device)
+    start = tmax - lens
+    valid = pos[None, :] >= start[:, None]
+    idx = torch.where(valid, cu[:-1, None] + pos[None, :] - start[:, None], torch.zeros_like(pos)[None, :])
+    return valid, idx, [None if x is None else x[0][idx] for x in xs]
+
+
+def batch_to_varlen(y: torch.Tensor, valid: torch.Tensor, idx: torch.Tensor, total: int) -> torch.Tensor:
+    """Inverse of varlen_to_batch for an output [N, Tmax, ...] -> [1, total, ...]."""
+    out = y.new_zeros(total, *y.shape[2:])
+    return out.index_put((idx[valid],), y[valid])[None]
+
+
+def varlen_valid(valid: torch.Tensor | None, rows_valid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The batched rows' mask: real tokens that are also valid in the packed [1, total] mask, if one was given."""
+    return rows_valid if valid is None else rows_valid & valid[0][idx]

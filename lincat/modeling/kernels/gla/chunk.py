@@ -6,9 +6,10 @@ S <- exp(lg_C) S + (kf exp(lg_C - lg))^T v. Inside a chunk the pair weights qf_i
 (qf exp(lg)) (kf exp(-lg))^T, one matrix product, as long as the chunk's total decay stays below SAFE (exp(-lg) must
 not overflow); a chunk that decays harder takes an exact, slower elementwise path. Both are exact up to rounding.
 
-Parallelism: one program per (value or feature block, segment, batch x state head); segments start from states that a
-pre-pass computes (per-segment sums, then a scan with the segments' decays). The backward runs a pass forward in time
-(dqf) and one backward in time (dkf, dv, and the gate gradient dg = reverse cumsum of qf dqf - kf dkf).
+The forward and the backward's forward-in-time pass (dqf) run one program per (value or feature block, segment,
+batch x query head); the backward-in-time passes (dkf with the gate gradient dg = reverse cumsum of qf dqf - kf dkf,
+and dv) one per (block, segment, batch x state head). Segments start from states that a pre-pass computes
+(per-segment sums, then a scan with the segments' decays).
 """
 
 import torch
@@ -19,9 +20,14 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: enough segments to fill the GPU).
-# split_bwd: the reverse pass as two launches (dkf, dg | dv) with smaller states instead of one.
-TUNE = {"seg_chunks": None, "programs": None, "split_bwd": False, "num_warps": None, "num_stages": None, "fwd_bd": None}
+from ..utils import batch_to_varlen, varlen_to_batch, varlen_valid
+
+# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: from a cost model); programs: SM count that
+# model assumes (None: the device's); fwd_bd: value block of the forward; bwd_block: feature / value block of
+# the backward passes and the segment pre-passes.
+TUNE = {
+    "seg_chunks": None, "programs": None, "num_warps": None, "num_stages": None, "fwd_bd": None, "bwd_block": None,
+}
 
 
 
@@ -40,31 +46,37 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _programs(device) -> int:
+def _sm_count(device) -> int:
     if TUNE["programs"]:
         return TUNE["programs"]
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _segment_chunks(n_chunks: int, parallel: int, device) -> int:
-    """Chunks per segment: one segment when (batch x heads x blocks) already fills the GPU."""
+    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
+    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
+    it; each extra segment costs a pre-pass over its keys."""
     if TUNE["seg_chunks"]:
         return TUNE["seg_chunks"]
-    want = triton.cdiv(_programs(device), max(parallel, 1))
-    return max(triton.cdiv(n_chunks, want), min(n_chunks, 8))
+    sms = _sm_count(device)
+    best, best_ns = None, 1
+    for ns in range(1, min(n_chunks, 64) + 1):
+        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
+        if best is None or cost < best:
+            best, best_ns = cost, ns
+    return triton.cdiv(n_chunks, best_ns)
 
 
 def _warps(elems: int) -> int:
     return TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
 
 
-def _launch_opts(elems: int) -> dict:
-    opts = {"num_warps": _warps(elems)}
-    if TUNE["num_stages"]:
-        opts["num_stages"] = TUNE["num_stages"]
-    return opts
+def _launch_opts(elems: int, stages: int = 1) -> dict:
+    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline, and more stages
+    only spill registers; the segment pre-passes stream a plain loop and get 3."""
+    return {"num_warps": _warps(elems), "num_stages": TUNE["num_stages"] or stages}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,8 +85,11 @@ def _launch_opts(elems: int) -> dict:
 
 @triton.jit
 def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked."""
-    ptr = base + ((b * T + t[:, None]).to(tl.int64) * NH + h) * X + x[None, :]
+    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
+    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
+    element). The host checks that T * NH * X fits in 32 bits."""
+    row0 = base + (b.to(tl.int64) * T * NH + h) * X
+    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
     return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
 
 
@@ -88,12 +103,6 @@ def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
 def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
     ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
     tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
-    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
-    return base + (b * T + t).to(tl.int64) * NH + h, (t < T) & (t >= 0)
 
 
 @triton.jit
@@ -115,57 +124,95 @@ def _gates(g, valid, bi, hk, t, T, f, HK: tl.constexpr, F: tl.constexpr, HAS_VAL
 
 
 @triton.jit
-def _row(x, c, j):
-    """Row j of a register tile (register tiles cannot be indexed)."""
-    return tl.sum(tl.where(c[:, None] == j, x, 0.0), 0)
+def _key_row(kf, g, valid, bi, hk, t, T, f, HK: tl.constexpr, F: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Key features and log gate of the single token t (zeros past the end or on padding)."""
+    tv = t + 0 * f  # a vector: Triton's interpreter mishandles scalar & vector masks
+    ok = (tv < T) & (f < F)
+    if HAS_VALID:
+        ok = ok & (tl.load(valid + bi * T + tv, mask=tv < T, other=0) != 0)
+    off = (bi.to(tl.int64) * T * HK + hk) * F + tv * HK * F + f
+    return tl.load(kf + off, mask=ok, other=0.0).to(tl.float32), tl.load(g + off, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _col(x, c, j):
+    """Column j of a register tile (register tiles cannot be indexed)."""
     return tl.sum(tl.where(c[None, :] == j, x, 0.0), 1)
 
 
 @triton.jit
-def _intra_exact(qt, kt, lg, c, C: tl.constexpr):
-    """A_ij = sum_f q_if k_jf exp(lg_if - lg_jf) for j <= i, one key at a time (no factoring, no overflow)."""
-    a = tl.zeros([C, C], tl.float32)
-    q32 = qt.to(tl.float32)
-    k32 = kt.to(tl.float32)
-    for j in range(C):
-        w = tl.exp(tl.minimum(lg - _row(lg, c, j)[None, :], 0.0))
-        col = tl.sum(q32 * _row(k32, c, j)[None, :] * w, 1)
-        a = tl.where(c[None, :] == j, col[:, None], a)
-    return tl.where(c[:, None] >= c[None, :], a, 0.0)
+def _row(x, c, j):
+    return tl.sum(tl.where(c[:, None] == j, x, 0.0), 0)
+
+
+# The exact paths below take one key at a time, reading its row from memory, so that they hold no tile beyond those
+# the factored path holds anyway (they sit in the same kernels and would otherwise raise their register use).
 
 
 @triton.jit
-def _dq_exact(da, kt, lg, c, C: tl.constexpr):
-    """sum_{j <= i} dA_ij k_j exp(lg_i - lg_j) (da already causal)."""
-    k32 = kt.to(tl.float32)
-    out = tl.zeros(lg.shape, tl.float32)
+def _intra_exact(qt, kf, g, valid, bi, hk, t0, T, f, lg, c, C: tl.constexpr, HK: tl.constexpr, F: tl.constexpr,
+                 HAS_VALID: tl.constexpr, TRANS: tl.constexpr):
+    """A_ij = sum_f q_if k_jf exp(lg_if - lg_jf) for j <= i (no factoring, no overflow); TRANS: A^T, keys by
+    queries."""
+    a = tl.zeros([C, C], tl.float32)
+    lgj = tl.zeros(f.shape, tl.float32)
     for j in range(C):
-        w = tl.exp(tl.minimum(lg - _row(lg, c, j)[None, :], 0.0))
-        out += _col(da, c, j)[:, None] * _row(k32, c, j)[None, :] * w
+        kj, gj = _key_row(kf, g, valid, bi, hk, t0 + j, T, f, HK, F, HAS_VALID)
+        lgj += gj
+        col = tl.sum(qt * (kj[None, :] * tl.exp(tl.minimum(lg - lgj[None, :], 0.0))), 1)
+        if TRANS:
+            a = tl.where(c[:, None] == j, col[None, :], a)
+        else:
+            a = tl.where(c[None, :] == j, col[:, None], a)
+    if TRANS:
+        keep = c[:, None] <= c[None, :]
+    else:
+        keep = c[:, None] >= c[None, :]
+    return tl.where(keep, a, 0.0)
+
+
+@triton.jit
+def _dq_exact(da, kf, g, valid, bi, hk, t0, T, f, lg, c, C: tl.constexpr, HK: tl.constexpr, F: tl.constexpr,
+              HAS_VALID: tl.constexpr):
+    """sum_{j <= i} dA_ij k_j exp(lg_i - lg_j) (da already causal)."""
+    out = tl.zeros(lg.shape, tl.float32)
+    lgj = tl.zeros(f.shape, tl.float32)
+    for j in range(C):
+        kj, gj = _key_row(kf, g, valid, bi, hk, t0 + j, T, f, HK, F, HAS_VALID)
+        lgj += gj
+        out += _col(da, c, j)[:, None] * (kj[None, :] * tl.exp(tl.minimum(lg - lgj[None, :], 0.0)))
     return out
 
 
 @triton.jit
-def _dk_exact(da, qt, lg, c, C: tl.constexpr):
-    """sum_{i >= j} dA_ij q_i exp(lg_i - lg_j) (da already causal)."""
-    q32 = qt.to(tl.float32)
+def _dk_exact(da_t, qt, g, valid, bi, hk, t0, T, f, lg, c, C: tl.constexpr, HK: tl.constexpr, F: tl.constexpr,
+              HAS_VALID: tl.constexpr):
+    """sum_{i >= j} dA_ij q_i exp(lg_i - lg_j), from dA^T (keys by queries, already causal)."""
     out = tl.zeros(lg.shape, tl.float32)
+    lgj = tl.zeros(f.shape, tl.float32)
     for j in range(C):
-        w = tl.exp(tl.minimum(lg - _row(lg, c, j)[None, :], 0.0))
-        rowj = tl.sum(_col(da, c, j)[:, None] * q32 * w, 0)
+        _, gj = _key_row(g, g, valid, bi, hk, t0 + j, T, f, HK, F, HAS_VALID)
+        lgj += gj
+        rowj = tl.sum(_row(da_t, c, j)[:, None] * qt * tl.exp(tl.minimum(lg - lgj[None, :], 0.0)), 0)
         out = tl.where(c[:, None] == j, rowj[None, :], out)
     return out
 
 
 @triton.jit
-def _state_ptr(hs, bi, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr):
-    """States are [B, HK, NSLOT, F, D] fp32."""
+def _state_ptr(hs, bi, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+               TRANS: tl.constexpr = False):
+    """States are [B, HK, NSLOT, F, D] fp32; TRANS: the [D, F] view, for passes that multiply by S^T."""
     base = ((bi * HK + hk) * NSLOT + slot).to(tl.int64)
-    return hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
+    if TRANS:
+        ps, ms = hs + base * F * D + f[None, :] * D + d[:, None], (f[None, :] < F) & (d[:, None] < D)
+    else:
+        ps, ms = hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
+    return ps, ms
+
+
+# Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
+# a transposed result are formed transposed instead, and the passes that multiply by S^T carry S^T. Transposing
+# loaded tiles (and tiles computed elementwise from them) is fine.
 
 
 @triton.jit
@@ -207,11 +254,11 @@ def _seg_kv(kf, v, g, valid, hs, hg, T, SEG, NS,
 
 
 @triton.jit
-def _seg_q(qf, do, g, valid, hs, T, SEG, NS,
+def _seg_q(qf, do, g, valid, hs, T, SEG, NS, S_OFF,
            H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Each segment's own reverse state sum_i (qf_i exp(lg_i)) do_i^T, decayed back to its start."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1) + S_OFF, tl.program_id(2)
     bi, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     f = i_f * BF + tl.arange(0, BF)
@@ -268,9 +315,10 @@ def _fwd(qf, kf, v, g, valid, o, h0, ht, T, SEG, NSLOT,
          C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
          HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
          SAFE: tl.constexpr):
+    """One program per query head, carrying its group's state (a loop over the group's heads would spill)."""
     i_d, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
-    G: tl.constexpr = H // HK
+    bi, h = i_bh // H, i_bh % H
+    hk = h // (H // HK)
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     f = tl.arange(0, BF)
@@ -288,24 +336,23 @@ def _fwd(qf, kf, v, g, valid, o, h0, ht, T, SEG, NSLOT,
         safe = tl.max(-last, 0) <= SAFE
         kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
         vt = _load(v, bi, hv, t, d, T, HV, D)
-        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
         Sc = S.to(vt.dtype)
-        for gi in range(G):
-            h = hk * G + gi
-            qt = _load(qf, bi, h, t, f, T, H, F)
-            qd = (qt * tl.exp(lg)).to(vt.dtype)
-            acc = tl.dot(qd, Sc, input_precision=PREC)
-            if safe:
-                a = tl.where(causal, tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
-            else:
-                a = _intra_exact(qt, kt, lg, c, C)
-            acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
-            _store(o, acc, bi, h, t, d, T, H, D)
+        qt = _load(qf, bi, h, t, f, T, H, F)
+        qd = (qt * tl.exp(lg)).to(vt.dtype)
+        acc = tl.dot(qd, Sc, input_precision=PREC)
+        if safe:
+            kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+            a = tl.where(causal, tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
+        else:
+            a = _intra_exact(qt, kf, g, valid, bi, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID, False)
+        acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
+        _store(o, acc, bi, h, t, d, T, H, D)
         kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
         S = S * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
-    if STORE_FINAL:
-        ps, ms = _state_ptr(ht, bi, hk, 0, 1, f, d, HK, F, D)
-        tl.store(ps, S, mask=ms)
+    if STORE_FINAL:  # the group's first query head stores the state
+        if h % (H // HK) == 0:
+            ps, ms = _state_ptr(ht, bi, hk, 0, 1, f, d, HK, F, D)
+            tl.store(ps, S, mask=ms)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,18 +366,19 @@ def _bwd_dq(kf, v, g, qf, valid, do, dq, qdq, h0, T, SEG, NSLOT,
             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
             HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_QDQ: tl.constexpr, PREC: tl.constexpr,
             SAFE: tl.constexpr):
+    """One program per query head, carrying S^T; also stores qf * dqf in fp32 for the gate gradient."""
     i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
-    G: tl.constexpr = H // HK
+    bi, h = i_bh // H, i_bh % H
+    hk = h // (H // HK)
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     f = i_f * BF + tl.arange(0, BF)
     d = tl.arange(0, BD)
     causal = c[:, None] >= c[None, :]
-    S = tl.zeros([BF, BD], tl.float32)
+    ST = tl.zeros([BD, BF], tl.float32)  # S^T
     if HAS_H0:
-        ps, ms = _state_ptr(h0, bi, hk, i_s, NSLOT, f, d, HK, F, D)
-        S = tl.load(ps, mask=ms, other=0.0)
+        ps, ms = _state_ptr(h0, bi, hk, i_s, NSLOT, f, d, HK, F, D, True)
+        ST = tl.load(ps, mask=ms, other=0.0)
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
     for n in range(n0, n1):
@@ -339,112 +387,119 @@ def _bwd_dq(kf, v, g, qf, valid, do, dq, qdq, h0, T, SEG, NSLOT,
         safe = tl.max(-last, 0) <= SAFE
         kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
         vt = _load(v, bi, hv, t, d, T, HV, D)
-        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
-        Sc = S.to(vt.dtype)
-        acc_qdq = tl.zeros([C, BF], tl.float32)
-        for gi in range(G):
-            h = hk * G + gi
-            dot_ = _load(do, bi, h, t, d, T, H, D)
-            da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
-            dqt = tl.dot(dot_, tl.trans(Sc), input_precision=PREC)
-            if safe:
-                dqt = tl.dot(da.to(kd.dtype), kd, acc=dqt, input_precision=PREC) * tl.exp(lg)
-            else:
-                dqt = dqt * tl.exp(lg) + _dq_exact(da, kt, lg, c, C)
-            _store(dq, dqt, bi, h, t, f, T, H, F)
-            if STORE_QDQ:
-                acc_qdq += _load(qf, bi, h, t, f, T, H, F).to(tl.float32) * dqt
+        STc = ST.to(vt.dtype)
+        dot_ = _load(do, bi, h, t, d, T, H, D)
+        da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
+        dqt = tl.dot(dot_, STc, input_precision=PREC)
+        if safe:
+            kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+            dqt = tl.dot(da.to(kd.dtype), kd, acc=dqt, input_precision=PREC) * tl.exp(lg)
+        else:
+            dqt = dqt * tl.exp(lg) + _dq_exact(da, kf, g, valid, bi, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID)
+        _store(dq, dqt, bi, h, t, f, T, H, F)
         if STORE_QDQ:
-            _store(qdq, acc_qdq, bi, hk, t, f, T, HK, F)
+            _store(qdq, _load(qf, bi, h, t, f, T, H, F).to(tl.float32) * dqt, bi, h, t, f, T, H, F)
         kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
-        S = S * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
+        ST = ST * tl.exp(last)[None, :] + tl.dot(tl.trans(vt), kl, input_precision=PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Backward, backward in time. dS (relative to the end of the current chunk) covers the later chunks:
-# dkf = exp(lg_C - lg) (v dS^T) + exp(-lg) (dA^T qd), dv = (kf exp(lg_C - lg)) dS + A^T do, and
-# dg = reverse cumsum of qf dqf - kf dkf, carried across chunks.
+# Backward, backward in time, as two launches. dS (relative to the end of the current chunk) covers the later chunks:
+# dkf = exp(lg_C - lg) (v dS^T) + exp(-lg) (dA^T qd) over a feature block, carrying dS^T; with it the gate gradient
+# dg = reverse cumsum of qf dqf - kf dkf, carried across chunks. dv = (kf exp(lg_C - lg)) dS + A^T do over a value
+# block, carrying dS. Intra-chunk products are formed transposed, keys by queries.
 
 
 @triton.jit
 def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SEG, NSLOT, SLOT0,
              H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DK: tl.constexpr,
              DO_DG: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DH: tl.constexpr, HAS_CARRY: tl.constexpr,
              STORE_TOT: tl.constexpr, STORE_D0: tl.constexpr, PREC: tl.constexpr, SAFE: tl.constexpr):
-    """DO_DK needs BD = all of D, DO_DV needs BF = all of F; the block of the other one is program_id(0)."""
+    """DO_DK: program_id(0) is a feature block and BD covers all of D; else a value block and BF covers all of F.
+    One flat loop over (chunk, query head of the group): a chunk's first step takes the state's terms, every step
+    adds one head's, the last one stores (nested loops carrying the accumulators spill registers)."""
     i_x, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
-    if DO_DV:
-        f = tl.arange(0, BF)
-        d = i_x * BD + tl.arange(0, BD)
-    else:
+    if DO_DK:
         f = i_x * BF + tl.arange(0, BF)
         d = tl.arange(0, BD)
-    causal = c[:, None] >= c[None, :]
-    dS = tl.zeros([BF, BD], tl.float32)
+        dS = tl.zeros([BD, BF], tl.float32)  # dS^T
+        acc = tl.zeros([C, BF], tl.float32)
+    else:
+        f = tl.arange(0, BF)
+        d = i_x * BD + tl.arange(0, BD)
+        dS = tl.zeros([BF, BD], tl.float32)
+        acc = tl.zeros([C, BD], tl.float32)
+    causal_t = c[:, None] <= c[None, :]  # key row <= query column
     if HAS_DH:
-        ps, ms = _state_ptr(dh, bi, hk, i_s + SLOT0, NSLOT, f, d, HK, F, D)
+        ps, ms = _state_ptr(dh, bi, hk, i_s + SLOT0, NSLOT, f, d, HK, F, D, DO_DK)
         dS = tl.load(ps, mask=ms, other=0.0)
     run = tl.zeros([BF], tl.float32)  # sum of the gate gradient's summands over the later tokens
     if HAS_CARRY:
         pc, mc = _vec_ptr(carry, bi, hk, 0, 1, f, HK, F)
         run = tl.load(pc, mask=mc, other=0.0)
+    dki = tl.zeros([C, BF], tl.float32)
+    qsum = tl.zeros([C, BF], tl.float32)
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for i in range(0, n1 - n0):
-        t = (n1 - 1 - i) * C + c
+    for it in range(0, (n1 - n0) * G):
+        gi = it % G
+        h = hk * G + gi
+        t0 = (n1 - 1 - it // G) * C
+        t = t0 + c
         lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
         safe = tl.max(-last, 0) <= SAFE
         kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
         vt = _load(v, bi, hv, t, d, T, HV, D)
-        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
-        dSc = dS.to(vt.dtype)
-        dkt = tl.zeros([C, BF], tl.float32)
-        dvt = tl.zeros([C, BD], tl.float32)
-        if DO_DK:
-            dkt = tl.dot(vt, tl.trans(dSc), input_precision=PREC) * tl.exp(last[None, :] - lg)
-        if DO_DV:
-            kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
-            dvt = tl.dot(kl, dSc, input_precision=PREC)
-        dS = dS * tl.exp(last)[:, None]
-        dki = tl.zeros([C, BF], tl.float32)
-        for gi in range(G):
-            h = hk * G + gi
-            qt = _load(qf, bi, h, t, f, T, H, F)
-            dot_ = _load(do, bi, h, t, d, T, H, D)
-            qd = (qt * tl.exp(lg)).to(vt.dtype)
+        if gi == 0:  # the state's terms use dS before this chunk's queries join it
             if DO_DK:
-                da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
-                if safe:
-                    dki = tl.dot(tl.trans(da).to(qd.dtype), qd, acc=dki, input_precision=PREC)
-                else:
-                    dkt += _dk_exact(da, qt, lg, c, C)
-            if DO_DV:
-                if safe:
-                    a = tl.where(causal, tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
-                else:
-                    a = _intra_exact(qt, kt, lg, c, C)
-                dvt = tl.dot(tl.trans(a).to(vt.dtype), dot_, acc=dvt, input_precision=PREC)
-            dS = tl.dot(tl.trans(qd), dot_, acc=dS, input_precision=PREC)
+                acc = tl.dot(vt, dS.to(vt.dtype), input_precision=PREC) * tl.exp(last[None, :] - lg)
+                dS = dS * tl.exp(last)[None, :]
+            else:
+                kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
+                acc = tl.dot(kl, dS.to(vt.dtype), input_precision=PREC)
+                dS = dS * tl.exp(last)[:, None]
+            dki = tl.zeros([C, BF], tl.float32)
+            qsum = tl.zeros([C, BF], tl.float32)
+        qt = _load(qf, bi, h, t, f, T, H, F)
+        dot_ = _load(do, bi, h, t, d, T, H, D)
+        qd = (qt * tl.exp(lg)).to(vt.dtype)
         if DO_DK:
-            dkt = tl.where(ok[:, None], dkt + dki * tl.exp(tl.minimum(-lg, SAFE)), 0.0)
-            _store(dk, dkt, bi, hk, t, f, T, HK, F)
+            da_t = tl.where(causal_t, tl.dot(vt, tl.trans(dot_), input_precision=PREC), 0.0)
+            if safe:
+                dki = tl.dot(da_t.to(qd.dtype), qd, acc=dki, input_precision=PREC)
+            else:
+                acc += _dk_exact(da_t, qt, g, valid, bi, hk, t0, T, f, lg, c, C, HK, F, HAS_VALID)
+            dS = tl.dot(tl.trans(dot_), qd, acc=dS, input_precision=PREC)
             if DO_DG:
-                db = _load(qdq, bi, hk, t, f, T, HK, F) - kt.to(tl.float32) * dkt
-                dgt = tl.cumsum(db, 0, reverse=True) + run[None, :]
-                run += tl.sum(db, 0)
-                _store(dg, tl.where(ok[:, None], dgt, 0.0), bi, hk, t, f, T, HK, F)
-        if DO_DV:
-            _store(dv, dvt, bi, hk, t, d, T, HK, D)
+                qsum += _load(qdq, bi, h, t, f, T, H, F)
+            if gi == G - 1:
+                dkt = tl.where(ok[:, None], acc + dki * tl.exp(tl.minimum(-lg, SAFE)), 0.0)
+                _store(dk, dkt, bi, hk, t, f, T, HK, F)
+                if DO_DG:
+                    db = qsum - kt.to(tl.float32) * dkt
+                    dgt = tl.cumsum(db, 0, reverse=True) + run[None, :]
+                    run += tl.sum(db, 0)
+                    _store(dg, tl.where(ok[:, None], dgt, 0.0), bi, hk, t, f, T, HK, F)
+        else:
+            if safe:
+                kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+                a_t = tl.where(causal_t, tl.dot(kd, tl.trans(qd), input_precision=PREC), 0.0)
+            else:
+                a_t = _intra_exact(qt, kf, g, valid, bi, hk, t0, T, f, lg, c, C, HK, F, HAS_VALID, True)
+            acc = tl.dot(a_t.to(vt.dtype), dot_, acc=acc, input_precision=PREC)
+            dS = tl.dot(tl.trans(qd), dot_, acc=dS, input_precision=PREC)
+            if gi == G - 1:
+                _store(dv, acc, bi, hk, t, d, T, HK, D)
     if STORE_TOT:
         pt, mt = _vec_ptr(tot, bi, hk, i_s, NSLOT - 1, f, HK, F)
         tl.store(pt, run, mask=mt)
     if STORE_D0:
-        ps, ms = _state_ptr(d0, bi, hk, 0, 1, f, d, HK, F, D)
+        ps, ms = _state_ptr(d0, bi, hk, 0, 1, f, d, HK, F, D, DO_DK)
         tl.store(ps, dS, mask=ms)
 
 
@@ -471,9 +526,9 @@ def _add_carry(dgl, carry, dg, valid, T, SEG, NS, HK: tl.constexpr, F: tl.conste
 
 
 def _blocks(bf, bd):
-    """Feature / value blocks for the passes that need all of one of them."""
-    big = bf * bd > 128 * 128
-    return (max(16, 128 * 128 // bd) if big else bf), (max(16, 128 * 128 // bf) if big else bd)
+    """Feature / value blocks for the passes that need all of one of them: a state tile beyond 64 x 128 spills."""
+    big = bf * bd > 64 * 128
+    return (max(16, 64 * 128 // bd) if big else bf), (max(16, 64 * 128 // bf) if big else bd)
 
 
 class _GLA(torch.autograd.Function):
@@ -486,7 +541,7 @@ class _GLA(torch.autograd.Function):
         bf, bd_all = _p2(f), _p2(d)
         bd = TUNE["fwd_bd"] or _blocks(bf, bd_all)[1]
         nbd = triton.cdiv(d, bd)
-        seg = _segment_chunks(n, b * hk * nbd, qf.device)
+        seg = _segment_chunks(n, b * h * nbd, qf.device)
         ns = triton.cdiv(n, seg)
         prec = _prec(v.dtype)
         vmask = valid if valid is not None else qf
@@ -496,11 +551,11 @@ class _GLA(torch.autograd.Function):
         h0 = s0.float().contiguous() if s0 is not None else None
         lgs = None
         if ns > 1:  # states entering each segment, then the final state (slot ns)
-            h0, lgs = _segment_states_fwd(kf, v, g, valid, h0, t, seg, ns, c, prec)
+            h0, lgs = _segment_states_fwd(kf, v, g, valid, h0, t, seg, ns, c, prec, output_final_state)
         nslot = ns + 1 if ns > 1 else 1
         store_final = output_final_state and ns == 1
         ht = torch.empty(b, hk, f, d, device=qf.device, dtype=torch.float32) if store_final else o
-        _fwd[(nbd, ns, b * hk)](
+        _fwd[(nbd, ns, b * h)](
             qf, kf, v, g, vmask, o, h0 if h0 is not None else o, ht, t, seg, nslot, H=h, BF=bf, BD=bd,
             HAS_H0=h0 is not None, STORE_FINAL=store_final, **common, **_launch_opts(bf * bd))
         final = None
@@ -521,25 +576,25 @@ class _GLA(torch.autograd.Function):
         prec = _prec(v.dtype)
         dev = qf.device
         f32 = dict(device=dev, dtype=torch.float32)
-        do = do.contiguous()
+        do = v.new_zeros(b, t, h, d) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else qf
         common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
         need_dg = ctx.needs_input_grad[3]
 
         dq = torch.empty_like(qf)
-        qdq = torch.empty(b, t, hk, f, **f32) if need_dg else dq
-        bf_q = _blocks(bf, bd)[0]
-        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * hk)](
+        qdq = torch.empty(b, t, h, f, **f32) if need_dg else dq
+        bf_q = TUNE["bwd_block"] or _blocks(bf, bd)[0]
+        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
             kf, v, g, qf, vmask, do, dq, qdq, h0 if h0 is not None else dq, t, seg, nslot, BF=bf_q, BD=bd,
             HAS_H0=h0 is not None, STORE_QDQ=need_dg, **common, **_launch_opts(bf_q * bd))
 
         # reverse states entering each segment (slot s + 1), and the initial state's gradient (slot 0)
+        need_d0 = ctx.needs_input_grad[5]
         dh = None
         if ns > 1:
-            dh = _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec)
+            dh = _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec, need_d0)
         elif dst is not None:
             dh = dst.float().contiguous()
-        need_d0 = ctx.needs_input_grad[5]
         store_d0 = need_d0 and ns == 1
         d0 = torch.empty(b, hk, f, d, **f32) if store_d0 else do
 
@@ -555,21 +610,14 @@ class _GLA(torch.autograd.Function):
         tot = torch.empty(b, hk, ns, f, **f32) if (need_dg and ns > 1) else do
         args = (qf, kf, v, g, vmask, do, qdq, dk, dv, dgl, dh if dh is not None else do,
                 carry if carry is not None else do, tot, d0, t, seg, ns + 1 if ns > 1 else 1, 1 if ns > 1 else 0)
-        flags = dict(DO_DG=need_dg, HAS_DH=dh is not None, HAS_CARRY=carry is not None,
-                     STORE_TOT=need_dg and ns > 1)
-        if TUNE["split_bwd"] or bf * bd > 128 * 128:
-            bf_k = min(bf, 64)
-            bd_v = min(bd, 64)
-            _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
-                *args, BF=bf_k, BD=bd, DO_DK=True, DO_DV=False, STORE_D0=store_d0, **flags, **common,
-                **_launch_opts(bf_k * bd))
-            _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
-                *args, BF=bf, BD=bd_v, DO_DK=False, DO_DV=True, STORE_D0=False, **{**flags, "DO_DG": False,
-                "STORE_TOT": False, "HAS_CARRY": False}, **common, **_launch_opts(bf * bd_v))
-        else:
-            _bwd_dkv[(1, ns, b * hk)](
-                *args, BF=bf, BD=bd, DO_DK=True, DO_DV=True, STORE_D0=store_d0, **flags, **common,
-                **_launch_opts(bf * bd))
+        flags = dict(HAS_DH=dh is not None, **common)
+        bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
+        _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
+            *args, BF=bf_k, BD=bd, DO_DK=True, DO_DG=need_dg, HAS_CARRY=carry is not None,
+            STORE_TOT=need_dg and ns > 1, STORE_D0=store_d0, **flags, **_launch_opts(bf_k * bd))
+        _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
+            *args, BF=bf, BD=bd_v, DO_DK=False, DO_DG=False, HAS_CARRY=False, STORE_TOT=False, STORE_D0=False,
+            **flags, **_launch_opts(bf * bd_v))
         if shared_v:
             dv = dv.view(b, t, hv, hk // hv, d).sum(3).to(v.dtype)
 
@@ -593,32 +641,34 @@ class _GLA(torch.autograd.Function):
         return dq, dk, dv, dg, None, ds0, None, None
 
 
-def _segment_states_fwd(kf, v, g, valid, s0, t, seg, ns, c, prec):
-    """States entering each segment (slots 0..ns-1) and the final state (slot ns); and each segment's log decay."""
+def _segment_states_fwd(kf, v, g, valid, s0, t, seg, ns, c, prec, need_final):
+    """States entering each segment (slots 0..ns-1), the final state (slot ns, only when asked for: the last
+    segment's own sum is not needed otherwise), and each segment's total log decay."""
     b, _, hk, f = kf.shape
     hv, d = v.shape[2], v.shape[3]
     bf, bd = _p2(f), _p2(d)
-    bf_s = min(bf, 64) if bf * bd > 64 * 128 else bf
+    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
     dev = kf.device
-    loc = torch.empty(b, hk, ns, f, d, device=dev, dtype=torch.float32)
-    lgs = torch.empty(b, hk, ns, f, device=dev, dtype=torch.float32)
-    _seg_kv[(triton.cdiv(f, bf_s), ns, b * hk)](
+    loc = torch.zeros(b, hk, ns, f, d, device=dev, dtype=torch.float32)
+    lgs = torch.zeros(b, hk, ns, f, device=dev, dtype=torch.float32)
+    _seg_kv[(triton.cdiv(f, bf_s), ns if need_final else ns - 1, b * hk)](
         kf, v, g, valid if valid is not None else kf, loc, lgs, t, seg, ns, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s,
-        BD=bd, HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd))
+        BD=bd, HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd, 3))
     return _chain(loc, lgs, s0, reverse=False), lgs
 
 
-def _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec):
+def _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec, need_d0):
     """Reverse states: slot s + 1 enters segment s's reverse pass (covers the later segments, and the final state's
-    gradient); slot 0 is the initial state's gradient."""
+    gradient); slot 0 is the initial state's gradient (the first segment's own sum is needed only for it)."""
     b, _, h, f = qf.shape
     d = do.shape[-1]
     bf, bd = _p2(f), _p2(d)
-    bf_s = min(bf, 64) if bf * bd > 64 * 128 else bf
-    loc = torch.empty(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
-    _seg_q[(triton.cdiv(f, bf_s), ns, b * hk)](
-        qf, do, g, valid if valid is not None else qf, loc, t, seg, ns, H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd,
-        HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd))
+    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
+    first = 0 if need_d0 else 1
+    loc = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
+    _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
+        qf, do, g, valid if valid is not None else qf, loc, t, seg, ns, first, H=h, HK=hk, F=f, D=d, C=c, BF=bf_s,
+        BD=bd, HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd, 3))
     return _chain(loc, lgs, None if dst is None else dst.float().contiguous(), reverse=True)
 
 
@@ -632,13 +682,27 @@ def _chain(loc, lgs, init, reverse):
     return out
 
 
-def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, chunk_size=64):
+def _check_size(*xs):
+    for x in xs:
+        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
+            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
+
+
+def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None):
     """Same contract as `chunk_gla_torch`: returns (o [B, T, H, D] in v.dtype, final state S [B, Hk, F, D] fp32 or
     None). g [B, T, Hk, F] are log gates (<= 0), any float dtype. Differentiable in qf, kf, v, g and the initial state.
+    cu_seqlens: optional [N + 1] boundaries of N sequences packed along T (B == 1); states are then per sequence
+    ([N, ...]). They run as a left-padded batch (a gather and a scatter of the inputs and the output).
     """
+    if cu_seqlens is not None:
+        assert qf.shape[0] == 1, "cu_seqlens packs the sequences along T of a single row"
+        rows, idx, xs = varlen_to_batch(cu_seqlens, qf, kf, v, g)
+        o, st = chunk_gla(*xs, varlen_valid(valid, rows, idx), initial_state, output_final_state, chunk_size)
+        return batch_to_varlen(o, rows, idx, qf.shape[1]), st
     dt = v.dtype
     qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
     v, g = v.contiguous(), g.contiguous()
+    _check_size(qf, kf, v, g)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     vmask = None if valid is None else valid.to(torch.uint8).contiguous()
     o, final = _GLA.apply(qf, kf, v, g, vmask, initial_state, bool(output_final_state), c)

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..utils import DEN_EPS, expand_heads, masked_keys
+from ..utils import expand_heads, masked_keys, safe_div
 
 
 def naive_linear_attn(qf, kf, v, valid=None):
@@ -16,4 +16,4 @@ def naive_linear_attn(qf, kf, v, valid=None):
     a = a.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=qf.device).tril(), 0.0)
     num = torch.einsum("bhij,bjhd->bihd", a, expand_heads(v.float(), h))
     den = a.sum(-1).transpose(1, 2)
-    return (num / den.clamp_min(DEN_EPS)[..., None]).to(v.dtype)
+    return safe_div(num, den).to(v.dtype)

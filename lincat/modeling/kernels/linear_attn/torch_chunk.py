@@ -3,7 +3,7 @@ prefill when Triton is not in use."""
 
 import torch
 
-from ..utils import DEN_EPS, expand_heads, masked_keys, pad_time
+from ..utils import expand_heads, masked_keys, pad_time, safe_div, shift_chunks
 
 
 def chunk_linear_attn_torch(qf, kf, v, valid=None, initial_state=None, output_final_state=False, chunk_size=64):
@@ -29,8 +29,8 @@ def chunk_linear_attn_torch(qf, kf, v, valid=None, initial_state=None, output_fi
         z0 = q.new_zeros(b, hk, f)
     else:
         s0, z0 = (x.float() for x in initial_state)
-    s_before = s0[:, None] + kv.cumsum(1) - kv  # state at the start of each chunk
-    z_before = z0[:, None] + ksum.cumsum(1) - ksum
+    s_before = s0[:, None] + shift_chunks(kv.cumsum(1), 1)  # state at the start of each chunk (exclusive sum)
+    z_before = z0[:, None] + shift_chunks(ksum.cumsum(1), 1)
 
     num = torch.einsum("bnchgf,bnhfd->bnchgd", q, s_before)
     den = torch.einsum("bnchgf,bnhf->bnchg", q, z_before)
@@ -38,6 +38,6 @@ def chunk_linear_attn_torch(qf, kf, v, valid=None, initial_state=None, output_fi
     a = a.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=q.device).tril(), 0.0)
     num = num + torch.einsum("bnhgcs,bnshd->bnchgd", a, vv)
     den = den + a.sum(-1).permute(0, 1, 4, 2, 3)
-    o = (num / den.clamp_min(DEN_EPS)[..., None]).reshape(b, n * c, h, d)[:, :t].to(v.dtype)
+    o = safe_div(num, den).reshape(b, n * c, h, d)[:, :t].to(v.dtype)
     final = (s0 + kv.sum(1), z0 + ksum.sum(1)) if output_final_state else None
     return o, final

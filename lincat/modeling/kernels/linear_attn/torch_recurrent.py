@@ -2,7 +2,7 @@
 
 import torch
 
-from ..utils import DEN_EPS
+from ..utils import safe_div
 
 
 def recurrent_linear_attn_torch(qf, kf, v, state, valid=None):
@@ -18,4 +18,4 @@ def recurrent_linear_attn_torch(qf, kf, v, state, valid=None):
     q = qf.float().view(b, hk, h // hk, f)
     num = torch.einsum("bhgf,bhfd->bhgd", q, s)
     den = torch.einsum("bhgf,bhf->bhg", q, z)
-    return (num / den.clamp_min(DEN_EPS)[..., None]).reshape(b, h, -1).to(v.dtype)
+    return safe_div(num, den).reshape(b, h, -1).to(v.dtype)

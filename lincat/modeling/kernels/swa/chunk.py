@@ -14,7 +14,7 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..utils import DEN_EPS
+from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
 
 TUNE = {"num_warps": None, "num_stages": None}
 
@@ -28,11 +28,10 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_opts(elems: int) -> dict:
-    opts = {"num_warps": TUNE["num_warps"] or (8 if elems >= 128 * 128 else 4)}
-    if TUNE["num_stages"]:
-        opts["num_stages"] = TUNE["num_stages"]
-    return opts
+def _launch_opts(elems: int, stages: int = 1) -> dict:
+    """Warps and pipeline stages. One stage: the band loops are too short to pipeline and more stages spill."""
+    warps = TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
+    return {"num_warps": warps, "num_stages": TUNE["num_stages"] or stages}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -41,8 +40,11 @@ def _launch_opts(elems: int) -> dict:
 
 @triton.jit
 def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked."""
-    ptr = base + ((b * T + t[:, None]).to(tl.int64) * NH + h) * X + x[None, :]
+    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
+    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
+    element). The host checks that T * NH * X fits in 32 bits."""
+    row0 = base + (b.to(tl.int64) * T * NH + h) * X
+    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
     return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
 
 
@@ -61,7 +63,7 @@ def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
 @triton.jit
 def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
     """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
-    return base + (b * T + t).to(tl.int64) * NH + h, (t < T) & (t >= 0)
+    return base + (b.to(tl.int64) * T * NH + h) + t * NH, (t < T) & (t >= 0)
 
 
 @triton.jit
@@ -180,10 +182,17 @@ def _bwd_dq(q, k, v, sk, sv, spos, sok, valid, o, do, lse, delta, dq, dsk, dsv, 
         ds = pw * (tl.dot(dot_, tl.trans(svt), input_precision=PREC) - dl[:, None])
         dqt = tl.dot(ds.to(skt.dtype), skt, acc=dqt, input_precision=PREC)
         if SINK_GRAD:
+            # the sinks' own gradients want ds^T and p^T: form them sinks by queries
+            pos = tl.load(spos + bi * NSINK + j, mask=j < NSINK, other=0)
+            sok_ = tl.load(sok + bi * NSINK + j, mask=j < NSINK, other=0) != 0
+            vis_t = sok_[:, None] & (pos[:, None] <= (tq[None, :] - W).to(pos.dtype))
+            s_t = tl.dot(skt, tl.trans(qt), input_precision=PREC) * scale
+            p_t = tl.exp(tl.where(vis_t, s_t, float("-inf")) - ls[None, :])
+            ds_t = p_t * (tl.dot(svt, tl.trans(dot_), input_precision=PREC) - dl[None, :])
             pk, mk = _ptrs(dsk, bi, hv, j, x, NSINK, NSINK, HKV, DK)
-            tl.atomic_add(pk, tl.dot(tl.trans(ds).to(qt.dtype), qt, input_precision=PREC) * scale, mask=mk)
+            tl.atomic_add(pk, tl.dot(ds_t.to(qt.dtype), qt, input_precision=PREC) * scale, mask=mk)
             pv, mv = _ptrs(dsv, bi, hv, j, d, NSINK, NSINK, HKV, D)
-            tl.atomic_add(pv, tl.dot(tl.trans(pw).to(dot_.dtype), dot_, input_precision=PREC), mask=mv)
+            tl.atomic_add(pv, tl.dot(p_t.to(dot_.dtype), dot_, input_precision=PREC), mask=mv)
     _store(dq, dqt * scale, bi, h, tq, x, T, H, DK)
 
 
@@ -191,6 +200,8 @@ def _bwd_dq(q, k, v, sk, sv, spos, sok, valid, o, do, lse, delta, dq, dsk, dsv, 
 def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
              H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
              BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """dk = ds^T q and dv = p^T do per key chunk, with scores formed keys by queries: Triton 3.4 to 3.7.0 miscompiles
+    a transposed tl.dot result on Hopper (fla issue 640), and this needs none."""
     kc, i_bh = tl.program_id(0), tl.program_id(1)
     bi, hv = i_bh // HKV, i_bh % HKV
     G: tl.constexpr = H // HKV
@@ -203,19 +214,24 @@ def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
     vt = _load(v, bi, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
-    for qn in range(kc, tl.minimum(kc + P, tl.cdiv(T, C) - 1) + 1):
+    # one flat loop over (query chunk, query head): nested loops carrying the accumulators spill registers
+    n_q = tl.minimum(kc + P, tl.cdiv(T, C) - 1) + 1 - kc
+    for it in range(0, n_q * G):
+        qn = kc + it // G
+        h = hv * G + it % G
         tq = qn * C + c
-        for g in range(G):
-            h = hv * G + g
-            qt = _load(q, bi, h, tq, x, T, H, DK)
-            dot_ = _load(do, bi, h, tq, d, T, H, D)
-            pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
-            ls = tl.load(pr, mask=mr, other=0.0)
-            dl = tl.load(_row_ptrs(delta, bi, h, tq, T, H)[0], mask=mr, other=0.0)
-            pw = tl.exp(_scores(qt, kt, tq, tk, ok, W, scale, PREC) - ls[:, None])
-            dvt = tl.dot(tl.trans(pw).to(dot_.dtype), dot_, acc=dvt, input_precision=PREC)
-            ds = pw * (tl.dot(dot_, tl.trans(vt), input_precision=PREC) - dl[:, None])
-            dkt = tl.dot(tl.trans(ds).to(qt.dtype), qt, acc=dkt, input_precision=PREC)
+        rel = tk[:, None] - tq[None, :]
+        win = (rel <= 0) & (rel > -W) & ok[:, None]
+        qt = _load(q, bi, h, tq, x, T, H, DK)
+        dot_ = _load(do, bi, h, tq, d, T, H, D)
+        pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+        ls = tl.load(pr, mask=mr, other=0.0)
+        dl = tl.load(_row_ptrs(delta, bi, h, tq, T, H)[0], mask=mr, other=0.0)
+        s_t = tl.dot(kt, tl.trans(qt), input_precision=PREC) * scale
+        p_t = tl.exp(tl.where(win, s_t, float("-inf")) - ls[None, :])
+        dvt = tl.dot(p_t.to(dot_.dtype), dot_, acc=dvt, input_precision=PREC)
+        ds_t = p_t * (tl.dot(vt, tl.trans(dot_), input_precision=PREC) - dl[None, :])
+        dkt = tl.dot(ds_t.to(qt.dtype), qt, acc=dkt, input_precision=PREC)
     _store(dk, dkt * scale, bi, hv, tk, x, T, HKV, DK)
     _store(dv, dvt, bi, hv, tk, d, T, HKV, D)
 
@@ -282,15 +298,32 @@ class _SWA(torch.autograd.Function):
         return dq, dk_, dv_, dsk_out, dsv_out, None, None, None, None, None, None
 
 
-def chunk_swa(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64):
+def _check_size(*xs):
+    for x in xs:
+        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
+            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
+
+
+def chunk_swa(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64, cu_seqlens=None):
     """Same contract as `chunk_swa_torch`: returns o [B, T, H, D] in v.dtype.
 
     sinks: optional (sink_k [B, S, Hkv, D], sink_v [B, S, Hkv, D], sink_pos [B, S], sink_valid [B, S]), positions in
     this call's frame; a sink counts for query i once pos <= i - window. Differentiable in q, k, v, sink_k, sink_v.
+    cu_seqlens: optional [N + 1] boundaries of N sequences packed along T (B == 1); sinks are then per sequence
+    ([N, S, ...], positions in each sequence's frame). They run as a left-padded batch (a gather and a scatter).
     """
+    if cu_seqlens is not None:
+        assert q.shape[0] == 1, "cu_seqlens packs the sequences along T of a single row"
+        rows, idx, xs = varlen_to_batch(cu_seqlens, q, k, v)
+        if sinks is not None:  # each row starts with its padding: positions shift by its length
+            sk, sv, spos, sok = sinks
+            sinks = (sk, sv, spos + (~rows).sum(1, keepdim=True), sok)
+        o = chunk_swa(*xs, window, scale, varlen_valid(valid, rows, idx), sinks, chunk_size)
+        return batch_to_varlen(o, rows, idx, q.shape[1])
     dt = v.dtype
     q, k = q.to(dt).contiguous(), k.to(dt).contiguous()
     v = v.contiguous()
+    _check_size(q, k, v)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     vmask = None if valid is None else valid.to(torch.uint8).contiguous()
     sk = sv = spos = sok = None

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..utils import DEN_EPS, expand_heads, safe_softmax_weights, window_mask
+from ..utils import expand_heads, safe_div, safe_softmax_weights, window_mask
 
 
 def naive_swa(q, k, v, window, scale, sinks=0, valid=None):
@@ -23,5 +23,5 @@ def naive_swa(q, k, v, window, scale, sinks=0, valid=None):
     s = torch.einsum("bihd,bjhd->bhij", q.float(), expand_heads(k.float(), h)) * scale
     s = s.masked_fill(~visible[:, None], float("-inf"))
     e, den = safe_softmax_weights(s)
-    p = e / den.clamp_min(DEN_EPS)  # rows with no visible key (padding) give 0
+    p = safe_div(e, den[..., 0])  # rows with no visible key (padding) give 0
     return torch.einsum("bhij,bjhd->bihd", p, expand_heads(v.float(), h)).to(v.dtype)

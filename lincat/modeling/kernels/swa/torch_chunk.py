@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..utils import DEN_EPS, bands, pad_time, safe_softmax_weights, valid_or_ones
+from ..utils import bands, pad_time, safe_div, safe_softmax_weights, valid_or_ones
 
 
 def chunk_swa_torch(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64):
@@ -41,6 +41,6 @@ def chunk_swa_torch(q, k, v, window, scale, valid=None, sinks=None, chunk_size=6
         v_band = torch.cat([v_band, sv.float()[:, None].expand(b, n, *sv.shape[1:])], dim=2)
 
     e, den = safe_softmax_weights(s)
-    p_attn = e / den.clamp_min(DEN_EPS)
+    p_attn = safe_div(e, den[..., 0])
     o = torch.einsum("bnhgcl,bnlhd->bnchgd", p_attn.view(b, n, hkv, h // hkv, c, -1), v_band)
     return o.reshape(b, n * c, h, d)[:, :t].to(v.dtype)

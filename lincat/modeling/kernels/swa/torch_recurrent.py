@@ -2,7 +2,7 @@
 
 import torch
 
-from ..utils import DEN_EPS, safe_softmax_weights
+from ..utils import safe_div, safe_softmax_weights
 
 
 def recurrent_swa_torch(q, k, v, scale, state, slot, pos, valid=None, sinks=None):
@@ -27,5 +27,5 @@ def recurrent_swa_torch(q, k, v, scale, state, slot, pos, valid=None, sinks=None
         ok = torch.cat([ok, sok & (spos <= pos - window)], 1)
     sc = torch.einsum("bhgd,bwhd->bhgw", q.float().view(b, hkv, h // hkv, d), keys.float()) * scale
     e, den = safe_softmax_weights(sc.masked_fill(~ok[:, None, None, :], float("-inf")))
-    o = torch.einsum("bhgw,bwhd->bhgd", e, vals.float()) / den.clamp_min(DEN_EPS)
+    o = safe_div(torch.einsum("bhgw,bwhd->bhgd", e, vals.float()), den[..., 0])
     return o.reshape(b, h, -1).to(v.dtype)

@@ -3,13 +3,15 @@
 Queries come in chunks of C tokens. A chunk sees, exactly, its band of P + 1 key chunks (P = ceil((W - 1) / C)): each
 pair there is either in the window (softmax term) or older (linear term). Everything before the band is older for all
 queries of the chunk and lives in a linear state S = sum kf v^T, z = sum kf (fp32), carried from chunk to chunk inside
-one program. The softmax terms keep their own running max and sums (online softmax), because the window max m_i shifts
-the softmax terms against the linear ones: it is part of the function, and its gradient is taken (through the argmax).
+one program. The softmax terms keep their own running max (online softmax) because the window max m_i weighs the
+softmax terms against the linear ones: it is part of the function, and its gradient is taken (through the argmax).
 
-Parallelism: one program per (value block, segment, batch x state head). Long sequences are cut into segments of
-SEG chunks, each started from the state left by the segments before it; those states come from a cheap pre-pass
-(one outer-product sum per segment, then a cumulative sum). The backward runs one pass forward in time (dq, dqf, with
-the state) and one backward in time (dk, dv, dkf, with the reverse state dS = sum qf dnum^T), segmented the same way.
+Forward: one fused kernel, one program per (value block, segment, batch x query head). Long sequences are cut into
+segments of SEG chunks, each started from the state left by the segments before it; those states come from a cheap
+pre-pass (one outer-product sum per segment, then a cumulative sum).
+Backward: the softmax part needs no state, so it runs flash-attention style (one program per query chunk for dq, one
+per key chunk and k/v head for dk and its share of dv). The linear part runs with the state: forward in time for dqf,
+backward in time for dkf and dv (reverse state dS = sum qf dnum^T), segmented like the forward.
 """
 
 import math
@@ -22,11 +24,14 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..utils import DEN_EPS
+from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
 
-# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: enough segments to fill the GPU).
-# split_bwd: the reverse pass as two launches (dk, dkf | dv) with smaller states instead of one.
-TUNE = {"seg_chunks": None, "programs": None, "split_bwd": False, "num_warps": None, "num_stages": None, "fwd_bd": None}
+# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: from a cost model); programs: SM count that
+# model assumes (None: the device's); fwd_bd: value block of the forward; bwd_block: feature / value block of
+# the backward passes and the segment pre-passes.
+TUNE = {
+    "seg_chunks": None, "programs": None, "num_warps": None, "num_stages": None, "fwd_bd": None, "bwd_block": None,
+}
 
 
 def _p2(x: int) -> int:
@@ -38,31 +43,37 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _programs(device) -> int:
+def _sm_count(device) -> int:
     if TUNE["programs"]:
         return TUNE["programs"]
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _segment_chunks(n_chunks: int, parallel: int, device) -> int:
-    """Chunks per segment: one segment when (batch x heads x blocks) already fills the GPU."""
+    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
+    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
+    it; each extra segment costs a pre-pass over its keys."""
     if TUNE["seg_chunks"]:
         return TUNE["seg_chunks"]
-    want = triton.cdiv(_programs(device), max(parallel, 1))
-    return max(triton.cdiv(n_chunks, want), min(n_chunks, 8))
+    sms = _sm_count(device)
+    best, best_ns = None, 1
+    for ns in range(1, min(n_chunks, 64) + 1):
+        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
+        if best is None or cost < best:
+            best, best_ns = cost, ns
+    return triton.cdiv(n_chunks, best_ns)
 
 
 def _warps(elems: int) -> int:
     return TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
 
 
-def _launch_opts(elems: int) -> dict:
-    opts = {"num_warps": _warps(elems)}
-    if TUNE["num_stages"]:
-        opts["num_stages"] = TUNE["num_stages"]
-    return opts
+def _launch_opts(elems: int, stages: int = 1) -> dict:
+    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline, and more stages
+    only spill registers; the segment pre-passes stream a plain loop and get 3."""
+    return {"num_warps": _warps(elems), "num_stages": TUNE["num_stages"] or stages}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,8 +82,11 @@ def _launch_opts(elems: int) -> dict:
 
 @triton.jit
 def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked."""
-    ptr = base + ((b * T + t[:, None]).to(tl.int64) * NH + h) * X + x[None, :]
+    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
+    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
+    element). The host checks that T * NH * X fits in 32 bits."""
+    row0 = base + (b.to(tl.int64) * T * NH + h) * X
+    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
     return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
 
 
@@ -91,7 +105,7 @@ def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
 @triton.jit
 def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
     """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
-    return base + (b * T + t).to(tl.int64) * NH + h, (t < T) & (t >= 0)
+    return base + (b.to(tl.int64) * T * NH + h) + t * NH, (t < T) & (t >= 0)
 
 
 @triton.jit
@@ -104,38 +118,57 @@ def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
-def _state_ptrs(hs, hz, b, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr):
-    """States are [B, HK, NSLOT, F, D] / [B, HK, NSLOT, F] fp32 (NSLOT: one per segment start, +1 for the end)."""
+def _state_ptrs(hs, hz, b, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+                TRANS: tl.constexpr = False):
+    """States are [B, HK, NSLOT, F, D] / [B, HK, NSLOT, F] fp32 (NSLOT: one per segment start, +1 for the end).
+    TRANS: the [D, F] view, for passes that multiply by S^T (loaded transposed rather than transposed in registers)."""
     base = ((b * HK + hk) * NSLOT + slot).to(tl.int64)
-    ps = hs + base * F * D + f[:, None] * D + d[None, :]
-    pz = hz + base * F + f
-    return ps, (f[:, None] < F) & (d[None, :] < D), pz, f < F
+    if TRANS:
+        ps, ms = hs + base * F * D + f[None, :] * D + d[:, None], (f[None, :] < F) & (d[:, None] < D)
+    else:
+        ps, ms = hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
+    return ps, ms, hz + base * F + f, f < F
+
+
+# Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
+# a transposed result are formed transposed instead (tl.dot(k, tl.trans(q)) rather than tl.trans(tl.dot(q, ...))),
+# and the passes that multiply by S^T carry S^T. Transposing loaded tiles is fine.
 
 
 @triton.jit
 def _kv_chunk(kf, v, valid, b, hk, hv, t, lim, T, f, d, PREC: tl.constexpr, HAS_VALID: tl.constexpr,
-              HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr):
-    """One chunk's share of the linear state: kf^T v and sum kf over its non-padding keys below lim."""
+              HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
+    """One chunk's share of the linear state: kf^T v (v^T kf with TRANS) and sum kf over its non-padding keys below
+    lim."""
     ok = _keys_ok(valid, b, t, lim, T, HAS_VALID)
     kt = _load(kf, b, hk, t, f, T, HK, F)
     kt = tl.where(ok[:, None], kt, 0.0)
     vt = _load(v, b, hv, t, d, T, HV, D)
-    return tl.dot(tl.trans(kt), vt, input_precision=PREC), tl.sum(kt.to(tl.float32), 0)
+    if TRANS:
+        kv = tl.dot(tl.trans(vt), kt, input_precision=PREC)
+    else:
+        kv = tl.dot(tl.trans(kt), vt, input_precision=PREC)
+    return kv, tl.sum(kt.to(tl.float32), 0)
 
 
 @triton.jit
 def _q_chunk(qf, do, den, delta, b, h, t, T, f, d, eps, PREC: tl.constexpr,
-             H: tl.constexpr, F: tl.constexpr, D: tl.constexpr):
-    """One query chunk's share of the reverse state: qf^T dnum and sum qf dden (dnum = do / den, dden = -do.o / den)."""
+             H: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
+    """One query chunk's share of the reverse state: qf^T dnum (dnum^T qf with TRANS) and sum qf dden
+    (dnum = do / den, dden = -do.o / den)."""
     qt = _load(qf, b, h, t, f, T, H, F)
     dot_ = _load(do, b, h, t, d, T, H, D).to(tl.float32)
     pr, mr = _row_ptrs(den, b, h, t, T, H)
     dn = tl.load(pr, mask=mr, other=1.0)
     dl = tl.load(_row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0)
     rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-    dden = tl.where(dn >= eps, -dl * rden, 0.0)
+    dden = -dl * rden
     dnum = (dot_ * rden[:, None]).to(qt.dtype)
-    return tl.dot(tl.trans(qt), dnum, input_precision=PREC), tl.sum(qt.to(tl.float32) * dden[:, None], 0)
+    if TRANS:
+        qs = tl.dot(tl.trans(dnum), qt, input_precision=PREC)
+    else:
+        qs = tl.dot(tl.trans(qt), dnum, input_precision=PREC)
+    return qs, tl.sum(qt.to(tl.float32) * dden[:, None], 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,12 +201,12 @@ def _seg_kv(kf, v, valid, hs, hz, T, SEG, P, END, NS,
 
 
 @triton.jit
-def _seg_q(qf, do, den, delta, hs, hz, T, SEG, P, NS, eps,
+def _seg_q(qf, do, den, delta, hs, hz, T, SEG, P, NS, S_OFF, eps,
            H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """Queries [qcut_s, qcut_{s+1}) with qcut_s = (s SEG + P) C (qcut_0 = 0, last = T): segment s's reverse pass wants
     all queries that see its last key chunk as older than their band."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1) + S_OFF, tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     f = i_f * BF + tl.arange(0, BF)
@@ -205,10 +238,11 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z, hts, htz,
          H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
          C: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
          HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+    """One program per query head, carrying its group's state (a loop over the group's heads would spill)."""
     i_d, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = i_bh // HK, i_bh % HK
-    G: tl.constexpr = H // HK
-    hv = hk // (HK // HKV)  # the k/v head of every query head this state serves
+    b, h = i_bh // H, i_bh % H
+    hk = h // (H // HK)
+    hv = hk // (HK // HKV)  # the k/v head of every query head of this state
     c = tl.arange(0, C)
     f = tl.arange(0, BF)
     d = i_d * BD + tl.arange(0, BD)
@@ -219,6 +253,7 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z, hts, htz,
         ps, ms, pz, mz = _state_ptrs(h0s, h0z, b, hk, i_s, NSLOT, f, d, HK, F, D)
         S = tl.load(ps, mask=ms, other=0.0)
         z = tl.load(pz, mask=mz, other=0.0)
+    gm = tl.load(gamma + h)
     n_chunks = tl.cdiv(T, C)
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, n_chunks)
@@ -230,255 +265,296 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z, hts, htz,
             S += kv
             z += ks
         tq = n * C + c
-        Sc = S.to(qf.dtype.element_ty)
-        for g in range(G):
-            h = hk * G + g
-            qft = _load(qf, b, h, tq, f, T, H, F)
-            qt = _load(q, b, h, tq, x, T, H, DK)
-            acc = tl.dot(qft, Sc, input_precision=PREC)
-            dl = tl.sum(qft.to(tl.float32) * z[None, :], 1)
-            m = tl.full([C], -1e30, tl.float32)
-            idx = tl.full([C], -1, tl.int32)
-            accw = tl.zeros([C, BD], tl.float32)
-            dw = tl.zeros([C], tl.float32)
-            for p in range(tl.maximum(n - P, 0), n + 1):
+        # softmax terms first, with their running max; one accumulator serves both kinds of term, so the linear
+        # terms join it only once the window max is final
+        qt = _load(q, b, h, tq, x, T, H, DK)
+        m = tl.full([C], -1e30, tl.float32)
+        idx = tl.full([C], -1, tl.int32)
+        acc = tl.zeros([C, BD], tl.float32)
+        dw = tl.zeros([C], tl.float32)
+        for p in range(tl.maximum(n - P, 0), n + 1):
+            tk = p * C + c
+            ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+            rel = tk[None, :] - tq[:, None]
+            kt = _load(k, b, hv, tk, x, T, HKV, DK)
+            s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
+            s = tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
+            mt = tl.max(s, 1)
+            idx = tl.where(mt > m, tl.argmax(s, 1).to(tl.int32) + p * C, idx)
+            mn = tl.maximum(m, mt)
+            e = tl.exp(s - mn[:, None])
+            alpha = tl.exp(m - mn)
+            vt = _load(v, b, hv, tk, d, T, HKV, D)
+            acc = tl.dot(e.to(vt.dtype), vt, acc=acc * alpha[:, None], input_precision=PREC)
+            dw = dw * alpha + tl.sum(e, 1)
+            m = mn
+        qft = _load(qf, b, h, tq, f, T, H, F)
+        acc = tl.dot(qft, S.to(qft.dtype), acc=acc * gm, input_precision=PREC)
+        dl = gm * dw + tl.sum(qft.to(tl.float32) * z[None, :], 1)
+        for p in range(tl.maximum(n - P, 0), n + 1):
+            if n * C + C - 1 - p * C >= W:  # some pairs of this band chunk are older than the window
                 tk = p * C + c
                 ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                a = tl.dot(qft, tl.trans(kft), input_precision=PREC)
+                a = tl.where(tk[None, :] - tq[:, None] <= -W, a, 0.0)
                 vt = _load(v, b, hv, tk, d, T, HKV, D)
-                rel = tk[None, :] - tq[:, None]
-                kt = _load(k, b, hv, tk, x, T, HKV, DK)
-                s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-                s = tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
-                mt = tl.max(s, 1)
-                idx = tl.where(mt > m, tl.argmax(s, 1).to(tl.int32) + p * C, idx)
-                mn = tl.maximum(m, mt)
-                e = tl.exp(s - mn[:, None])
-                alpha = tl.exp(m - mn)
-                accw = accw * alpha[:, None] + tl.dot(e.to(vt.dtype), vt, input_precision=PREC)
-                dw = dw * alpha + tl.sum(e, 1)
-                m = mn
-                if n * C + C - 1 - p * C >= W:  # some pairs of this band chunk are older than the window
-                    kft = _load(kf, b, hk, tk, f, T, HK, F)
-                    kft = tl.where(ok[:, None], kft, 0.0)
-                    a = tl.dot(qft, tl.trans(kft), input_precision=PREC)
-                    a = tl.where(rel <= -W, a, 0.0)
-                    acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
-                    dl += tl.sum(a, 1)
-            gm = tl.load(gamma + h)
-            acc += gm * accw
-            dl += gm * dw
-            _store(o, acc / tl.maximum(dl, eps)[:, None], b, h, tq, d, T, H, D)
-            if i_d == 0:
-                pr, mr = _row_ptrs(den, b, h, tq, T, H)
-                tl.store(pr, dl, mask=mr)
-                tl.store(_row_ptrs(mx, b, h, tq, T, H)[0], tl.where(m > -1e30, m, 0.0), mask=mr)
-                tl.store(_row_ptrs(amax, b, h, tq, T, H)[0], idx, mask=mr)
-    if STORE_FINAL:
-        # one segment only: the final state covers every token but the last W
-        end = T - W
-        for p in range(tl.maximum(n_chunks - P - 1, 0), tl.cdiv(tl.maximum(end, 0), C)):
-            kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, p * C + c, end, T, f, d, PREC, HAS_VALID, HK, HKV, F, D)
-            S += kv
-            z += ks
-        ps, ms, pz, mz = _state_ptrs(hts, htz, b, hk, 0, 1, f, d, HK, F, D)
-        tl.store(ps, S, mask=ms)
+                acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
+                dl += tl.sum(a, 1)
+        _store(o, acc / tl.maximum(dl, eps)[:, None], b, h, tq, d, T, H, D)
         if i_d == 0:
-            tl.store(pz, z, mask=mz)
+            pr, mr = _row_ptrs(den, b, h, tq, T, H)
+            tl.store(pr, dl, mask=mr)
+            tl.store(_row_ptrs(mx, b, h, tq, T, H)[0], tl.where(m > -1e30, m, 0.0), mask=mr)
+            tl.store(_row_ptrs(amax, b, h, tq, T, H)[0], idx, mask=mr)
+    if STORE_FINAL:
+        # one segment only; the group's first query head stores the state, which covers all tokens but the last W
+        if h % (H // HK) == 0:
+            end = T - W
+            for p in range(tl.maximum(n_chunks - P - 1, 0), tl.cdiv(tl.maximum(end, 0), C)):
+                kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, p * C + c, end, T, f, d, PREC, HAS_VALID,
+                                   HK, HKV, F, D)
+                S += kv
+                z += ks
+            ps, ms, pz, mz = _state_ptrs(hts, htz, b, hk, 0, 1, f, d, HK, F, D)
+            tl.store(ps, S, mask=ms)
+            if i_d == 0:
+                tl.store(pz, z, mask=mz)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Backward, forward in time: dq (softmax part, with the argmax term) and dqf (linear part).
+# Backward. With dA_ij = (do_i . v_j - do_i . o_i) / den_i for every visible pair:
+#   softmax pairs: ds_ij = gamma e_ij dA_ij, plus dm_i = -sum_j ds_ij at the argmax (m_i moves with that score);
+#   older pairs: dqf_i += dA_ij kf_j, dkf_j += dA_ij qf_i, dv_j += (qf_i . kf_j) dnum_i.
+# The softmax part needs no state: it runs flash-attention style, one program per chunk. The linear part runs with
+# the state, forward in time for dqf and backward in time for dkf / dv.
 
 
 @triton.jit
-def _bwd_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, h0s, h0z,
-            T, W, P, SEG, NSLOT, scale, eps,
-            H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+def _bwd_win_dq(q, k, v, gamma, valid, o, do, den, mx, amax, dq, delta, rsum, dmx, T, W, P, scale, eps,
+                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Softmax part of dq, per query chunk; also stores delta = do . o, r = sum_j e_ij dA_ij (dgamma) and dm."""
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // H, i_bh % H
+    hv = h // (H // HKV)
+    c = tl.arange(0, C)
+    x = tl.arange(0, BK)
+    d = tl.arange(0, BD)
+    tq = n * C + c
+    dot_ = _load(do, b, h, tq, d, T, H, D)
+    pr, mr = _row_ptrs(den, b, h, tq, T, H)
+    dn = tl.load(pr, mask=mr, other=1.0)
+    rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+    dl = tl.sum(dot_.to(tl.float32) * _load(o, b, h, tq, d, T, H, D).to(tl.float32), 1)
+    dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+    m = tl.load(_row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
+    qt = _load(q, b, h, tq, x, T, H, DK)
+    dqa = tl.zeros([C, BK], tl.float32)
+    r = tl.zeros([C], tl.float32)
+    for p in range(tl.maximum(n - P, 0), n + 1):
+        tk = p * C + c
+        ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+        rel = tk[None, :] - tq[:, None]
+        kt = _load(k, b, hv, tk, x, T, HKV, DK)
+        s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
+        e = tl.exp(tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf")) - m[:, None])
+        vt = _load(v, b, hv, tk, d, T, HKV, D)
+        ed = e * (tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None])
+        r += tl.sum(ed, 1)
+        dqa = tl.dot(ed.to(kt.dtype), kt, acc=dqa, input_precision=PREC)
+    gm = tl.load(gamma + h)
+    dm = -gm * r
+    am = tl.load(_row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
+    dqa = gm * dqa + dm[:, None] * _load(k, b, hv, am, x, T, HKV, DK).to(tl.float32)
+    _store(dq, dqa * scale, b, h, tq, x, T, H, DK)
+    tl.store(_row_ptrs(delta, b, h, tq, T, H)[0], dl, mask=mr)
+    tl.store(_row_ptrs(rsum, b, h, tq, T, H)[0], r, mask=mr)
+    tl.store(_row_ptrs(dmx, b, h, tq, T, H)[0], dm, mask=mr)
+
+
+@triton.jit
+def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, T, W, P, scale, eps,
+                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                 BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Softmax part of dk and dv, per key chunk and k/v head, summed over the query heads that read it. Scores are
+    formed keys by queries, so that dk = ds^T q needs no transpose of a product."""
+    kc, i_bh = tl.program_id(0), tl.program_id(1)
+    b, hv = i_bh // HKV, i_bh % HKV
+    G: tl.constexpr = H // HKV
+    c = tl.arange(0, C)
+    x = tl.arange(0, BK)
+    d = tl.arange(0, BD)
+    tk = kc * C + c
+    ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+    kt = _load(k, b, hv, tk, x, T, HKV, DK)
+    vt = _load(v, b, hv, tk, d, T, HKV, D)
+    dkt = tl.zeros([C, BK], tl.float32)
+    dvt = tl.zeros([C, BD], tl.float32)
+    # one flat loop over (query chunk, query head): nested loops carrying the accumulators spill registers
+    n_q = tl.minimum(kc + P, tl.cdiv(T, C) - 1) + 1 - kc
+    for it in range(0, n_q * G):
+        qn = kc + it // G
+        h = hv * G + it % G
+        tq = qn * C + c
+        rel = tk[:, None] - tq[None, :]
+        win = (rel <= 0) & (rel > -W) & ok[:, None]
+        pr, mr = _row_ptrs(den, b, h, tq, T, H)
+        dn = tl.load(pr, mask=mr, other=1.0)
+        rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+        dl = tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0)
+        m = tl.load(_row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
+        dm = tl.load(_row_ptrs(dmx, b, h, tq, T, H)[0], mask=mr, other=0.0)
+        am = tl.load(_row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
+        gm = tl.load(gamma + h)
+        qt = _load(q, b, h, tq, x, T, H, DK)
+        dot_ = _load(do, b, h, tq, d, T, H, D)
+        dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+        s_t = tl.dot(kt, tl.trans(qt), input_precision=PREC) * scale
+        a_t = gm * tl.exp(tl.where(win, s_t, float("-inf")) - m[None, :])
+        dvt = tl.dot(a_t.to(dnum.dtype), dnum, acc=dvt, input_precision=PREC)
+        ds_t = a_t * (tl.dot(vt, tl.trans(dnum), input_precision=PREC) - (dl * rden)[None, :])
+        ds_t += tl.where(am[None, :] == tk[:, None], dm[None, :], 0.0)
+        dkt = tl.dot(ds_t.to(qt.dtype), qt, acc=dkt, input_precision=PREC)
+    _store(dk, dkt * scale, b, hv, tk, x, T, HKV, DK)
+    _store(dvw, dvt, b, hv, tk, d, T, HKV, D)
+
+
+@triton.jit
+def _bwd_dq(v, kf, valid, do, den, delta, dqf, h0s, h0z, T, W, P, SEG, NSLOT, eps,
+            H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
             HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    """Linear part of dqf, forward in time, one program per query head carrying S^T: dnum S^T + dden z, plus the
+    older pairs inside the band."""
     i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = i_bh // HK, i_bh % HK
-    G: tl.constexpr = H // HK
+    b, h = i_bh // H, i_bh % H
+    hk = h // (H // HK)
     hv = hk // (HK // HKV)
     c = tl.arange(0, C)
     f = i_f * BF + tl.arange(0, BF)
     d = tl.arange(0, BD)
-    x = tl.arange(0, BK)
-    S = tl.zeros([BF, BD], tl.float32)
+    ST = tl.zeros([BD, BF], tl.float32)  # S^T
     z = tl.zeros([BF], tl.float32)
     if HAS_H0:
-        ps, ms, pz, mz = _state_ptrs(h0s, h0z, b, hk, i_s, NSLOT, f, d, HK, F, D)
-        S = tl.load(ps, mask=ms, other=0.0)
+        ps, ms, pz, mz = _state_ptrs(h0s, h0z, b, hk, i_s, NSLOT, f, d, HK, F, D, True)
+        ST = tl.load(ps, mask=ms, other=0.0)
         z = tl.load(pz, mask=mz, other=0.0)
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
     for n in range(n0, n1):
         if (n > n0) & (n - P - 1 >= 0):
             kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, (n - P - 1) * C + c, T, T, f, d, PREC, HAS_VALID,
-                               HK, HKV, F, D)
-            S += kv
+                               HK, HKV, F, D, True)
+            ST += kv
             z += ks
         tq = n * C + c
-        Sc = S.to(kf.dtype.element_ty)
-        for g in range(G):
-            h = hk * G + g
-            dot_ = _load(do, b, h, tq, d, T, H, D).to(tl.float32)
-            ot = _load(o, b, h, tq, d, T, H, D).to(tl.float32)
-            pr, mr = _row_ptrs(den, b, h, tq, T, H)
-            dn = tl.load(pr, mask=mr, other=1.0)
-            m = tl.load(_row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
-            rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-            dl = tl.sum(dot_ * ot, 1)
-            dden = tl.where(dn >= eps, -dl * rden, 0.0)
-            dnum = (dot_ * rden[:, None]).to(Sc.dtype)
-            dqft = tl.dot(dnum, tl.trans(Sc), input_precision=PREC) + dden[:, None] * z[None, :]
-            qt = _load(q, b, h, tq, x, T, H, DK)
-            gm = tl.load(gamma + h)
-            dqa = tl.zeros([C, BK], tl.float32)
-            r = tl.zeros([C], tl.float32)
-            for p in range(tl.maximum(n - P, 0), n + 1):
+        dot_ = _load(do, b, h, tq, d, T, H, D)
+        pr, mr = _row_ptrs(den, b, h, tq, T, H)
+        dn = tl.load(pr, mask=mr, other=1.0)
+        rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+        dden = -tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
+        dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+        dqt = tl.dot(dnum, ST.to(dnum.dtype), input_precision=PREC) + dden[:, None] * z[None, :]
+        for p in range(tl.maximum(n - P, 0), n + 1):
+            if n * C + C - 1 - p * C >= W:
                 tk = p * C + c
                 ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
-                rel = tk[None, :] - tq[:, None]
                 vt = _load(v, b, hv, tk, d, T, HKV, D)
                 da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
-                if i_f == 0:  # the softmax part does not depend on the feature block: one program does it
-                    kt = _load(k, b, hv, tk, x, T, HKV, DK)
-                    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-                    s = tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
-                    ed = tl.exp(s - m[:, None]) * da
-                    r += tl.sum(ed, 1)
-                    dqa = tl.dot((gm * ed).to(kt.dtype), kt, acc=dqa, input_precision=PREC)
-                if n * C + C - 1 - p * C >= W:
-                    kft = _load(kf, b, hk, tk, f, T, HK, F)
-                    kft = tl.where(ok[:, None], kft, 0.0)
-                    dqft = tl.dot(tl.where(rel <= -W, da, 0.0).to(kft.dtype), kft, acc=dqft, input_precision=PREC)
-            _store(dqf, dqft, b, h, tq, f, T, H, F)
-            if i_f == 0:
-                # a_ij = gamma exp(s_ij - m_i): m_i moves with the score at its argmax, with weight -sum_j ds_ij
-                dm = -gm * r
-                pa, _ = _row_ptrs(amax, b, h, tq, T, H)
-                am = tl.load(pa, mask=mr, other=-1)
-                kg = _load(k, b, hv, am, x, T, HKV, DK).to(tl.float32)
-                dqa += dm[:, None] * kg
-                _store(dq, dqa * scale, b, h, tq, x, T, H, DK)
-                tl.store(_row_ptrs(delta, b, h, tq, T, H)[0], dl, mask=mr)
-                tl.store(_row_ptrs(rsum, b, h, tq, T, H)[0], r, mask=mr)
-                tl.store(_row_ptrs(dmx, b, h, tq, T, H)[0], dm, mask=mr)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backward, backward in time: dk (softmax), dkf and dv. dS covers the queries of chunks >= kc + P + 1, which see key
-# chunk kc as older than their whole band.
+                da = tl.where(tk[None, :] - tq[:, None] <= -W, da, 0.0)
+                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                dqt = tl.dot(da.to(kft.dtype), kft, acc=dqt, input_precision=PREC)
+        _store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
 @triton.jit
-def _bwd_dkv(q, k, v, qf, kf, gamma, valid, do, den, mx, amax, delta, dmx, dk, dv, dkf, dhs, dhz, d0s, d0z,
-             T, W, P, SEG, NSLOT, scale, eps,
-             H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr,
-             D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-             DO_DK: tl.constexpr, DO_DKF: tl.constexpr, DO_DV: tl.constexpr,
+def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, d0s, d0z, T, W, P, SEG, NSLOT, eps,
+             H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DKF: tl.constexpr, ADD_DVW: tl.constexpr,
              HAS_VALID: tl.constexpr, HAS_DH: tl.constexpr, STORE_D0: tl.constexpr, PREC: tl.constexpr):
-    """DO_DKF needs BD = all of D, DO_DV needs BF = all of F; the block of the other one is program_id(0)."""
+    """Linear part of dkf (DO_DKF: program_id(0) is a feature block, BD covers D, the program carries dS^T) or of dv
+    (else: a value block, BF covers F, it carries dS), backward in time. dS covers the queries of chunks >= kc + P + 1,
+    which see key chunk kc as older than their whole band; the band's own older pairs are added explicitly, formed
+    keys by queries. One flat loop over (key chunk, band query chunk, query head of the group) accumulates a key
+    chunk's terms; its last step adds the state's and stores (nested loops carrying the accumulators spill).
+    ADD_DVW: one state head per k/v head, so this pass adds the softmax part and stores the final dv."""
     i_x, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     hv = hk // (HK // HKV)
     c = tl.arange(0, C)
-    x = tl.arange(0, BK)
-    if DO_DV:
-        f = tl.arange(0, BF)
-        d = i_x * BD + tl.arange(0, BD)
-    else:
+    if DO_DKF:
         f = i_x * BF + tl.arange(0, BF)
         d = tl.arange(0, BD)
-    first = i_x == 0  # the softmax dk does not depend on the block: one program does it
-    dS = tl.zeros([BF, BD], tl.float32)
+        dS = tl.zeros([BD, BF], tl.float32)  # dS^T
+        acc = tl.zeros([C, BF], tl.float32)
+    else:
+        f = tl.arange(0, BF)
+        d = i_x * BD + tl.arange(0, BD)
+        dS = tl.zeros([BF, BD], tl.float32)
+        acc = tl.zeros([C, BD], tl.float32)
     dz = tl.zeros([BF], tl.float32)
     if HAS_DH:
-        ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, i_s, NSLOT, f, d, HK, F, D)
+        ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, i_s, NSLOT, f, d, HK, F, D, DO_DKF)
         dS = tl.load(ps, mask=ms, other=0.0)
         dz = tl.load(pz, mask=mz, other=0.0)
     n_chunks = tl.cdiv(T, C)
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, n_chunks)
-    for i in range(0, n1 - n0):
+    inner = (P + 1) * G
+    for it in range(0, (n1 - n0) * inner):
+        i = it // inner
+        j = it % inner
         kc = n1 - 1 - i
-        if (i > 0) & (kc + P + 1 < n_chunks):
-            for g in range(G):
-                qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + g, (kc + P + 1) * C + c, T, f, d, eps, PREC,
-                                  H, F, D)
-                dS += qs
-                dz += zs
+        qn = kc + j // G
+        h = hk * G + j % G
+        if (j < G) & (i > 0) & (kc + P + 1 < n_chunks):  # query chunk kc + P + 1 joins the state, a head a step
+            qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + j, (kc + P + 1) * C + c, T, f, d, eps, PREC,
+                              H, F, D, DO_DKF)
+            dS += qs
+            dz += zs
         tk = kc * C + c
         ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
-        vt = _load(v, b, hv, tk, d, T, HKV, D)
-        kft = _load(kf, b, hk, tk, f, T, HK, F)
-        kft = tl.where(ok[:, None], kft, 0.0)
-        kt = _load(k, b, hv, tk, x, T, HKV, DK)
-        dSc = dS.to(kft.dtype)
-        dkft = tl.zeros([C, BF], tl.float32)
-        dvt = tl.zeros([C, BD], tl.float32)
-        dkt = tl.zeros([C, BK], tl.float32)
-        if DO_DKF:
-            dkft = tl.dot(vt, tl.trans(dSc), input_precision=PREC) + dz[None, :]
-        if DO_DV:
-            dvt = tl.dot(kft, dSc, input_precision=PREC)
-        for qn in range(kc, tl.minimum(kc + P, n_chunks - 1) + 1):
+        acc = tl.where(j > 0, acc, 0.0)
+        if (qn < n_chunks) & (qn * C + C - 1 - kc * C >= W):  # some pairs are older than the window
             tq = qn * C + c
-            rel = tk[None, :] - tq[:, None]
-            older = qn * C + C - 1 - kc * C >= W
-            for g in range(G):
-                h = hk * G + g
-                dot_ = _load(do, b, h, tq, d, T, H, D).to(tl.float32)
-                pr, mr = _row_ptrs(den, b, h, tq, T, H)
-                dn = tl.load(pr, mask=mr, other=1.0)
-                rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-                dnum = (dot_ * rden[:, None]).to(vt.dtype)
-                gm = tl.load(gamma + h)
-                qt = _load(q, b, h, tq, x, T, H, DK)
-                m = tl.load(_row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
-                s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-                s = tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
-                e = tl.exp(s - m[:, None])
-                if DO_DV:
-                    dvt = tl.dot(tl.trans(gm * e).to(vt.dtype), dnum, acc=dvt, input_precision=PREC)
-                if DO_DKF or DO_DK:
-                    dl = tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0)
-                    dden = tl.where(dn >= eps, -dl * rden, 0.0)
-                    da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
-                    if DO_DK:
-                        if first:
-                            dm = tl.load(_row_ptrs(dmx, b, h, tq, T, H)[0], mask=mr, other=0.0)
-                            am = tl.load(_row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
-                            ds = gm * e * da + tl.where(am[:, None] == tk[None, :], dm[:, None], 0.0)
-                            dkt = tl.dot(tl.trans(ds).to(qt.dtype), qt, acc=dkt, input_precision=PREC)
-                    if DO_DKF:
-                        if older:
-                            qft = _load(qf, b, h, tq, f, T, H, F)
-                            dao = tl.where(rel <= -W, da, 0.0).to(qft.dtype)
-                            dkft = tl.dot(tl.trans(dao), qft, acc=dkft, input_precision=PREC)
-                if DO_DV:
-                    if older:
-                        qft = _load(qf, b, h, tq, f, T, H, F)
-                        a = tl.dot(qft, tl.trans(kft), input_precision=PREC)
-                        a = tl.where(rel <= -W, a, 0.0)
-                        dvt = tl.dot(tl.trans(a).to(vt.dtype), dnum, acc=dvt, input_precision=PREC)
-        if DO_DKF:
-            _store(dkf, tl.where(ok[:, None], dkft, 0.0), b, hk, tk, f, T, HK, F)
-        if DO_DV:
-            _store(dv, dvt, b, hk, tk, d, T, HK, D)
-        if DO_DK:
-            if first:
-                _store(dk, dkt * scale, b, hk, tk, x, T, HK, DK)
+            older_t = tk[:, None] - tq[None, :] <= -W
+            qft = _load(qf, b, h, tq, f, T, H, F)
+            dot_ = _load(do, b, h, tq, d, T, H, D)
+            pr, mr = _row_ptrs(den, b, h, tq, T, H)
+            dn = tl.load(pr, mask=mr, other=1.0)
+            rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+            dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+            if DO_DKF:
+                vt = _load(v, b, hv, tk, d, T, HKV, D)
+                dden = -tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
+                da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
+                da_t = tl.where(older_t, da_t, 0.0).to(qft.dtype)
+                acc = tl.dot(da_t, qft, acc=acc, input_precision=PREC)
+            else:
+                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                a_t = tl.where(older_t, tl.dot(kft, tl.trans(qft), input_precision=PREC), 0.0)
+                acc = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc, input_precision=PREC)
+        if j == inner - 1:
+            if DO_DKF:
+                vt = _load(v, b, hv, tk, d, T, HKV, D)
+                acc = tl.dot(vt, dS.to(vt.dtype), acc=acc, input_precision=PREC) + dz[None, :]
+                _store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, tk, f, T, HK, F)
+            else:
+                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                acc = tl.dot(kft, dS.to(kft.dtype), acc=acc, input_precision=PREC)
+                if ADD_DVW:
+                    acc += _load(dvw, b, hv, tk, d, T, HKV, D)
+                _store(dv, acc, b, hk, tk, d, T, HK, D)
     if STORE_D0:
         # one segment only: the initial state's gradient sums over every query, the band ones too
-        for qn in range(0, tl.minimum(P + 1, n_chunks)):
-            for g in range(G):
-                qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + g, qn * C + c, T, f, d, eps, PREC, H, F, D)
-                dS += qs
-                dz += zs
-        ps, ms, pz, mz = _state_ptrs(d0s, d0z, b, hk, 0, 1, f, d, HK, F, D)
+        for it in range(0, tl.minimum(P + 1, n_chunks) * G):
+            qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + it % G, (it // G) * C + c, T, f, d, eps, PREC,
+                              H, F, D, DO_DKF)
+            dS += qs
+            dz += zs
+        ps, ms, pz, mz = _state_ptrs(d0s, d0z, b, hk, 0, 1, f, d, HK, F, D, DO_DKF)
         tl.store(ps, dS, mask=ms)
         tl.store(pz, dz, mask=mz)
 
@@ -491,6 +567,12 @@ def _band(window: int, c: int) -> int:
     return math.ceil((window - 1) / c) if window > 1 else 0
 
 
+def _check_size(*xs):
+    for x in xs:
+        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
+            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
+
+
 class _WindowLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qf, kf, gamma, valid, s0, z0, window, scale, output_final_state, chunk):
@@ -499,9 +581,9 @@ class _WindowLinearAttn(torch.autograd.Function):
         c, p = chunk, _band(window, chunk)
         n = triton.cdiv(t, c)
         bk, bf, bd_all = _p2(dk), _p2(f), _p2(d)
-        bd = TUNE["fwd_bd"] or bd_all
+        bd = TUNE["fwd_bd"] or min(bd_all, 64)  # a 128-wide value block spills registers
         nbd = triton.cdiv(d, bd)
-        seg = _segment_chunks(n, b * hk * nbd, q.device)
+        seg = _segment_chunks(n, b * h * nbd, q.device)
         ns = triton.cdiv(n, seg)
         prec = _prec(v.dtype)
         dev = q.device
@@ -512,17 +594,17 @@ class _WindowLinearAttn(torch.autograd.Function):
         mx = torch.empty(b, t, h, **f32)
         amax = torch.empty(b, t, h, device=dev, dtype=torch.int32)
 
-        # start state of each segment (slot ns is the final state)
         h0s = h0z = None
-        if ns > 1:
-            h0s, h0z = _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, max(t - window, 0), ns, c, prec)
+        if ns > 1:  # start state of each segment; slot ns is the final state
+            h0s, h0z = _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, max(t - window, 0), ns, c, prec,
+                                           output_final_state)
         elif s0 is not None:
             h0s, h0z = s0.float().contiguous(), z0.float().contiguous()
-        nslot = ns + 1 if ns > 1 else 1
+        nslot = h0s.shape[2] if ns > 1 else 1
         store_final = output_final_state and ns == 1
         hts = torch.empty(b, hk, f, d, **f32) if store_final else den
         htz = torch.empty(b, hk, f, **f32) if store_final else den
-        _fwd[(nbd, ns, b * hk)](
+        _fwd[(nbd, ns, b * h)](
             q, k, v, qf, kf, gamma, vmask, o, den, mx, amax,
             h0s if h0s is not None else den, h0z if h0z is not None else den, hts, htz,
             t, window, p, seg, nslot, scale, DEN_EPS,
@@ -530,77 +612,71 @@ class _WindowLinearAttn(torch.autograd.Function):
             HAS_VALID=valid is not None, HAS_H0=h0s is not None, STORE_FINAL=store_final, PREC=prec,
             **_launch_opts(bf * bd),
         )
-        final = None
-        if output_final_state:
-            final = (hts, htz) if store_final else (h0s[:, :, ns].contiguous(), h0z[:, :, ns].contiguous())
         ctx.save_for_backward(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z)
-        ctx.cfg = (window, scale, c, p, seg, ns, nslot, s0 is not None)
-        ctx.s0_dtype = s0.dtype if s0 is not None else None
+        ctx.cfg = (window, scale, c, p, seg, ns, nslot, s0 is not None, None if s0 is None else s0.dtype)
         ctx.set_materialize_grads(False)
-        if final is None:
+        if not output_final_state:
             return o, None, None
-        return o, final[0], final[1]
+        if store_final:
+            return o, hts, htz
+        return o, h0s[:, :, ns].contiguous(), h0z[:, :, ns].contiguous()
 
     @staticmethod
     def backward(ctx, do, dst, dzt):
         q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z = ctx.saved_tensors
-        window, scale, c, p, seg, ns, nslot, has_s0 = ctx.cfg
+        window, scale, c, p, seg, ns, nslot, has_s0, s0_dtype = ctx.cfg
         b, t, h, dk = q.shape
         hkv, hk, f, d = k.shape[2], kf.shape[2], kf.shape[-1], v.shape[-1]
+        n = triton.cdiv(t, c)
         bk, bf, bd = _p2(dk), _p2(f), _p2(d)
         prec = _prec(v.dtype)
-        dev = q.device
-        f32 = dict(device=dev, dtype=torch.float32)
-        do = do.contiguous()
+        f32 = dict(device=q.device, dtype=torch.float32)
+        do = torch.zeros_like(o) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else q
-        common = dict(H=h, HKV=hkv, HK=hk, DK=dk, F=f, D=d, C=c, BK=bk, HAS_VALID=valid is not None, PREC=prec)
+        win = dict(H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, HAS_VALID=valid is not None, PREC=prec)
+        lin = dict(H=h, HKV=hkv, HK=hk, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec)
 
+        # softmax part: dq (and delta, which the linear part needs), then dk and the softmax share of dv
         dq = torch.empty_like(q)
-        dqf = torch.empty_like(qf)
         delta = torch.empty(b, t, h, **f32)
         rsum = torch.empty(b, t, h, **f32)
         dmx = torch.empty(b, t, h, **f32)
-        bf_q = min(bf, 128) if bf * bd > 128 * 128 else bf
-        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * hk)](
-            q, k, v, kf, gamma, vmask, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx,
-            h0s if h0s is not None else den, h0z if h0z is not None else den,
-            t, window, p, seg, nslot, scale, DEN_EPS, BF=bf_q, BD=bd, HAS_H0=h0s is not None,
-            **common, **_launch_opts(bf_q * bd),
-        )
+        _bwd_win_dq[(n, b * h)](q, k, v, gamma, vmask, o, do, den, mx, amax, dq, delta, rsum, dmx,
+                                t, window, p, scale, DEN_EPS, **win, **_launch_opts(c * max(bk, bd)))
+        dk_ = torch.empty_like(k)
+        dvw = torch.empty(b, t, hkv, d, **f32)
+        _bwd_win_dkv[(n, b * hkv)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw,
+                                   t, window, p, scale, DEN_EPS, **win, **_launch_opts(c * max(bk, bd)))
 
-        # reverse start state of each segment: the queries after it (plus the initial state's gradient at slot 0)
+        # linear part, forward in time
+        dqf = torch.empty_like(qf)
+        bf_q = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
+        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
+            v, kf, vmask, do, den, delta, dqf, h0s if h0s is not None else den, h0z if h0z is not None else den,
+            t, window, p, seg, nslot, DEN_EPS, BF=bf_q, BD=bd, HAS_H0=h0s is not None, **lin,
+            **_launch_opts(bf_q * bd))
+
+        # linear part, backward in time, from the reverse state of the queries after each segment
+        need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         dhs = dhz = tot_s = tot_z = None
         if ns > 1:
-            dhs, dhz, tot_s, tot_z = _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec)
-        need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
+            dhs, dhz, tot_s, tot_z = _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_d0)
         store_d0 = need_d0 and ns == 1
         d0s = torch.empty(b, hk, f, d, **f32) if store_d0 else den
         d0z = torch.empty(b, hk, f, **f32) if store_d0 else den
-
-        shared_kv = hk != hkv  # several state heads write the same k/v head: fp32 partials, summed below
-        dk_ = torch.empty(b, t, hk, dk, **f32) if shared_kv else torch.empty_like(k)
-        dv_ = torch.empty(b, t, hk, d, **f32) if shared_kv else torch.empty_like(v)
+        add_dvw = hk == hkv  # one state head per k/v head: it finishes dv; else fp32 partials summed below
+        dv_ = torch.empty_like(v) if add_dvw else torch.empty(b, t, hk, d, **f32)
         dkf = torch.empty_like(kf)
-        args = (q, k, v, qf, kf, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dv_, dkf,
-                dhs if dhs is not None else den, dhz if dhz is not None else den, d0s, d0z,
-                t, window, p, seg, ns if dhs is not None else 1, scale, DEN_EPS)
-        has_dh = dhs is not None
-        if TUNE["split_bwd"] or bf * bd > 128 * 128:
-            bf_k = min(bf, 64)
-            bd_v = min(bd, 64)
-            _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
-                *args, BF=bf_k, BD=bd, DO_DK=True, DO_DKF=True, DO_DV=False, HAS_DH=has_dh, STORE_D0=store_d0,
-                **common, **_launch_opts(bf_k * bd))
-            _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
-                *args, BF=bf, BD=bd_v, DO_DK=False, DO_DKF=False, DO_DV=True, HAS_DH=has_dh, STORE_D0=False,
-                **common, **_launch_opts(bf * bd_v))
-        else:
-            _bwd_dkv[(1, ns, b * hk)](
-                *args, BF=bf, BD=bd, DO_DK=True, DO_DKF=True, DO_DV=True, HAS_DH=has_dh, STORE_D0=store_d0,
-                **common, **_launch_opts(bf * bd))
-        if shared_kv:
-            dk_ = dk_.view(b, t, hkv, hk // hkv, dk).sum(3).to(k.dtype)
-            dv_ = dv_.view(b, t, hkv, hk // hkv, d).sum(3).to(v.dtype)
+        args = (qf, kf, v, vmask, do, den, delta, dvw, dkf, dv_, dhs if dhs is not None else den,
+                dhz if dhz is not None else den, d0s, d0z, t, window, p, seg, ns if dhs is not None else 1, DEN_EPS)
+        flags = dict(ADD_DVW=add_dvw, HAS_DH=dhs is not None, **lin)
+        bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
+        _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
+            *args, BF=bf_k, BD=bd, DO_DKF=True, STORE_D0=store_d0, **flags, **_launch_opts(bf_k * bd))
+        _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
+            *args, BF=bf, BD=bd_v, DO_DKF=False, STORE_D0=False, **flags, **_launch_opts(bf * bd_v))
+        if not add_dvw:
+            dv_ = (dvw + dv_.view(b, t, hkv, hk // hkv, d).sum(3)).to(v.dtype)
 
         ds0 = dz0 = None
         if need_d0:
@@ -609,46 +685,49 @@ class _WindowLinearAttn(torch.autograd.Function):
             # the final state holds s0 and every key but the last W: its gradient reaches those directly
             dkf, dv_, ds0, dz0 = _final_state_grad(kf, v, valid, dst, dzt, window, dkf, dv_, ds0, dz0, need_d0)
         dgamma = rsum.sum((0, 1)).to(gamma.dtype) if ctx.needs_input_grad[5] else None
-        ds0 = ds0.to(ctx.s0_dtype) if need_d0 else None
-        dz0 = dz0.to(ctx.s0_dtype) if need_d0 else None
+        ds0 = ds0.to(s0_dtype) if need_d0 else None
+        dz0 = dz0.to(s0_dtype) if need_d0 else None
         return dq, dk_, dv_, dqf, dkf, dgamma, None, ds0, dz0, None, None, None, None
 
 
-def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec):
-    """States at the start of each segment (slot s) and the final one (slot ns): s0 plus a cumsum of segment sums."""
+def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec, need_final):
+    """States entering each segment (slot s): s0 plus a cumsum of the segments' own sums; slot ns, the final state,
+    only when asked for (the last segment's sum is not needed otherwise)."""
     b, _, hk, f = kf.shape
     hv, d = v.shape[2], v.shape[3]
     bf, bd = _p2(f), _p2(d)
-    bf_s = min(bf, 64) if bf * bd > 64 * 128 else bf
+    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
+    nloc = ns if need_final else ns - 1
     loc_s = torch.empty(b, hk, ns, f, d, device=kf.device, dtype=torch.float32)
     loc_z = torch.empty(b, hk, ns, f, device=kf.device, dtype=torch.float32)
-    _seg_kv[(triton.cdiv(f, bf_s), ns, b * hk)](
+    _seg_kv[(triton.cdiv(f, bf_s), nloc, b * hk)](
         kf, v, valid if valid is not None else kf, loc_s, loc_z, t, seg, p, end, ns,
         HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s, BD=bd, HAS_VALID=valid is not None, PREC=prec,
-        **_launch_opts(bf_s * bd))
-    hs = torch.zeros(b, hk, ns + 1, f, d, device=kf.device, dtype=torch.float32)
-    hz = torch.zeros(b, hk, ns + 1, f, device=kf.device, dtype=torch.float32)
-    torch.cumsum(loc_s, 2, out=hs[:, :, 1:])
-    torch.cumsum(loc_z, 2, out=hz[:, :, 1:])
+        **_launch_opts(bf_s * bd, 3))
+    hs = torch.zeros(b, hk, nloc + 1, f, d, device=kf.device, dtype=torch.float32)
+    hz = torch.zeros(b, hk, nloc + 1, f, device=kf.device, dtype=torch.float32)
+    torch.cumsum(loc_s[:, :, :nloc], 2, out=hs[:, :, 1:])
+    torch.cumsum(loc_z[:, :, :nloc], 2, out=hz[:, :, 1:])
     if s0 is not None:
         hs += s0.float()[:, :, None]
         hz += z0.float()[:, :, None]
     return hs, hz
 
 
-def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec):
+def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_total):
     """Reverse start states: slot s holds the sum of qf dnum^T (and qf dden) over the queries that see all of
-    segment s as older than their band, i.e. over the query ranges of the segments after s. Also returns the sum
-    over all queries, which is the initial state's gradient."""
+    segment s as older than their band, i.e. over the query ranges of the segments after s. With need_total, also
+    the sum over all queries (the initial state's gradient), which needs the first segment's range too."""
     b, _, h, f = qf.shape
     d = do.shape[-1]
     bf, bd = _p2(f), _p2(d)
-    bf_s = min(bf, 64) if bf * bd > 64 * 128 else bf
-    loc_s = torch.empty(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
-    loc_z = torch.empty(b, hk, ns, f, device=qf.device, dtype=torch.float32)
-    _seg_q[(triton.cdiv(f, bf_s), ns, b * hk)](
-        qf, do, den, delta, loc_s, loc_z, t, seg, p, ns, DEN_EPS,
-        H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd, PREC=prec, **_launch_opts(bf_s * bd))
+    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
+    first = 0 if need_total else 1
+    loc_s = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
+    loc_z = torch.zeros(b, hk, ns, f, device=qf.device, dtype=torch.float32)
+    _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
+        qf, do, den, delta, loc_s, loc_z, t, seg, p, ns, first, DEN_EPS,
+        H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd, PREC=prec, **_launch_opts(bf_s * bd, 3))
     after_s = loc_s.flip(2).cumsum(2).flip(2)  # slot s: segments >= s
     after_z = loc_z.flip(2).cumsum(2).flip(2)
     hs = torch.zeros_like(loc_s)
@@ -685,16 +764,26 @@ def _final_state_grad(kf, v, valid, dst, dzt, window, dkf, dv, ds0, dz0, need_d0
 
 
 def chunk_window_linear_attn(
-    q, k, v, qf, kf, gamma, window, scale, valid=None, initial_state=None, output_final_state=False, chunk_size=64
+    q, k, v, qf, kf, gamma, window, scale, valid=None, initial_state=None, output_final_state=False, chunk_size=64,
+    cu_seqlens=None,
 ):
     """Same contract as `chunk_window_linear_attn_torch`: returns (o [B, T, H, D] in v.dtype, final state or None).
 
     initial_state / final state: (S [B, Hk, F, D], z [B, Hk, F]) fp32; the final state covers every token except the
     last `window`. Differentiable in q, k, v, qf, kf, gamma and the initial state.
+    cu_seqlens: optional [N + 1] boundaries of N sequences packed along T (B == 1); states are then per sequence
+    ([N, ...]). They run as a left-padded batch (a gather and a scatter of the inputs and the output).
     """
+    if cu_seqlens is not None:
+        assert q.shape[0] == 1, "cu_seqlens packs the sequences along T of a single row"
+        rows, idx, xs = varlen_to_batch(cu_seqlens, q, k, v, qf, kf)
+        o, st = chunk_window_linear_attn(*xs, gamma, window, scale, varlen_valid(valid, rows, idx), initial_state,
+                                         output_final_state, chunk_size)
+        return batch_to_varlen(o, rows, idx, q.shape[1]), st
     dt = v.dtype
     q, k, qf, kf = (x.to(dt).contiguous() for x in (q, k, qf, kf))
     v = v.contiguous()
+    _check_size(q, k, v, qf, kf)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     s0 = z0 = None
     if initial_state is not None:

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..utils import DEN_EPS, expand_heads, masked_keys, window_mask
+from ..utils import expand_heads, masked_keys, safe_div, window_mask
 
 
 def naive_window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid=None):
@@ -26,4 +26,4 @@ def naive_window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid=None):
     a = a_win + a_lin
     num = torch.einsum("bhij,bjhd->bihd", a, expand_heads(v.float(), h))
     den = a.sum(-1).transpose(1, 2)
-    return (num / den.clamp_min(DEN_EPS)[..., None]).to(v.dtype)
+    return safe_div(num, den).to(v.dtype)

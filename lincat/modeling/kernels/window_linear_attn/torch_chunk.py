@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..utils import DEN_EPS, expand_heads, masked_keys, pad_time, shift_chunks, valid_or_ones
+from ..utils import expand_heads, masked_keys, pad_time, safe_div, shift_chunks, valid_or_ones
 
 
 def chunk_window_linear_attn_torch(
@@ -76,7 +76,7 @@ def chunk_window_linear_attn_torch(
     z_lin = z0[:, None] + shift_chunks(ks.cumsum(1), p_prev + 1)
     num = num + torch.einsum("bnchgf,bnhfd->bnchgd", qfc, s_lin).reshape(b, n, c, h, d)
     den = den + torch.einsum("bnchgf,bnhf->bnchg", qfc, z_lin).reshape(b, n, c, h)
-    o = (num / den.clamp_min(DEN_EPS)[..., None]).reshape(b, n * c, h, d)[:, :t].to(v.dtype)
+    o = safe_div(num, den).reshape(b, n * c, h, d)[:, :t].to(v.dtype)
 
     final = None
     if output_final_state:

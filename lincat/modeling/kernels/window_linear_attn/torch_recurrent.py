@@ -3,7 +3,7 @@ keys/values plus the linear state of everything older."""
 
 import torch
 
-from ..utils import DEN_EPS
+from ..utils import safe_div
 
 
 def recurrent_window_linear_attn_torch(q, k, v, qf, kf_evicted, gamma, scale, state, slot, valid=None):
@@ -37,4 +37,4 @@ def recurrent_window_linear_attn_torch(q, k, v, qf, kf_evicted, gamma, scale, st
     qg = qf.float().view(b, hk, h // hk, f)
     num = num + torch.einsum("bhgf,bhfd->bhgd", qg, s).reshape(b, h, -1)
     den = den + torch.einsum("bhgf,bhf->bhg", qg, z).reshape(b, h)
-    return (num / den.clamp_min(DEN_EPS)[..., None]).to(v.dtype)
+    return safe_div(num, den).to(v.dtype)

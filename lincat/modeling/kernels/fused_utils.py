@@ -1,0 +1,131 @@
+"""Triton pieces shared by the fused decode steps (kernels/<op>/fused_recurrent.py).
+
+Conventions of every step kernel:
+- One token per row. q/k/v come as [B, heads, D], contiguous; states are the layer's cache tensors, updated in place.
+- Positions are read on the device: `pos` [B] (tokens consumed by each row) gives the ring slots. Every program of
+  a row reads it; the last program of the row to finish (an atomic ticket, `ticket` [B]) writes pos + 1 and resets
+  the ticket. So a step is one launch with no host-side position: it can be captured in a CUDA graph and replayed.
+- Programs never read what another program of the same launch writes: each state tile has one owner, the new
+  token's ring row is used from registers (and the slot it overwrites is masked out of every read), and lolcats'
+  evicted row sits in a slot nobody writes in that step (its ring has W + 1 slots).
+- All arithmetic in fp32 with broadcast-and-reduce (no tl.dot: tiles are small, the step is memory-bound, and the
+  interpreter's low-precision dot is unreliable). BUDGET bounds the largest 3D temporary per program.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
+    raise
+
+BUDGET = 8192
+# Knobs for tests and benchmarks: num_warps, bv (value block), splits (value-dim programs for gla/swa).
+TUNE = {"num_warps": None, "bv": None, "splits": None}
+_SMS: dict = {}
+
+
+def p2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def sms(device) -> int:
+    """Multiprocessor count (1 on CPU, i.e. the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def value_block(dv: int, rows: int, bg: int) -> int:
+    """Value columns per tile so that [bg, rows, bv] stays within BUDGET."""
+    if TUNE["bv"]:
+        return TUNE["bv"]
+    return max(1, min(p2(dv), BUDGET // (bg * p2(rows))))
+
+
+def value_splits(dv: int, bv: int, programs: int, device) -> int:
+    """Programs along the value dim (ops without a shared normalizer only): enough to fill the GPU at small batch."""
+    if TUNE["splits"]:
+        return TUNE["splits"]
+    want = triton.cdiv(2 * sms(device), max(programs, 1))
+    n = 1
+    while n * 2 <= want and dv % (n * 2 * bv) == 0:
+        n *= 2
+    return n
+
+
+def warps(elems: int) -> int:
+    return TUNE["num_warps"] or (8 if elems >= 8192 else 4)
+
+
+def contig(*xs):
+    return [x if x.is_contiguous() else x.contiguous() for x in xs]
+
+
+def check_state(state: dict, *names):
+    for n in names:
+        if not state[n].is_contiguous():
+            raise ValueError(f"state {n!r} must be contiguous (it is updated in place)")
+
+
+@triton.jit
+def advance_pos(pos, ticket, b, p, NPROG: tl.constexpr):
+    """The last of the NPROG programs of row b to get here writes pos[b] = p + 1 (all have read pos by then)."""
+    if NPROG == 1:
+        tl.store(pos + b, p + 1)
+    else:
+        tl.debug_barrier()
+        n = tl.atomic_add(ticket + b, 1)
+        last = n == NPROG - 1
+        tl.store(pos + b, p + 1, mask=last)
+        tl.store(ticket + b, 0, mask=last)
+
+
+@triton.jit
+def hedgehog_features(x, w, head, od, of, D: tl.constexpr, FH: tl.constexpr):
+    """phi(x) = (softmax(x W_head), softmax(-x W_head)) for x [BD] fp32 (zeros past D), W [heads, D, FH] (any float
+    dtype); each half [BF], zero past FH."""
+    mf = of < FH
+    wt = tl.load(w + head * (D * FH) + od[:, None] * FH + of[None, :], mask=(od[:, None] < D) & mf[None, :],
+                 other=0.0).to(tl.float32)
+    z = tl.sum(x[:, None] * wt, 0)
+    zp = tl.where(mf, z, float("-inf"))
+    ep = tl.exp(zp - tl.max(zp, 0))
+    zn = tl.where(mf, -z, float("-inf"))
+    en = tl.exp(zn - tl.max(zn, 0))
+    return ep / tl.sum(ep, 0), en / tl.sum(en, 0)
+
+
+@triton.jit
+def ring_scores(qr, win_k, kr, b64, h0, hkv, og, orr, w_slot, scale,
+                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+                BG: tl.constexpr, BR: tl.constexpr, BDK: tl.constexpr, BDC: tl.constexpr):
+    """Scaled scores [BG, BR] of query heads h0 .. h0 + G - 1 against the ring rows of KV head hkv, with row w_slot
+    taken as the new key kr[b, hkv] (the ring's own row w_slot is never read: another program may be writing it)."""
+    s = tl.zeros([BG, BR], dtype=tl.float32)
+    mg = og < G
+    mrow = (orr < R) & (orr != w_slot)
+    for d0 in tl.static_range(0, BDK, BDC):
+        cd = d0 + tl.arange(0, BDC)
+        mdc = cd < DK
+        qc = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + cd[None, :], mask=mg[:, None] & mdc[None, :],
+                     other=0.0).to(tl.float32)
+        kc = tl.load(win_k + ((b64 * R + orr[:, None]) * HKV + hkv) * DK + cd[None, :],
+                     mask=mrow[:, None] & mdc[None, :], other=0.0).to(tl.float32)
+        kn = tl.load(kr + (b64 * HKV + hkv) * DK + cd, mask=mdc, other=0.0).to(tl.float32)
+        kc = tl.where((orr == w_slot)[:, None], kn[None, :], kc)
+        s += tl.sum(qc[:, None, :] * kc[None, :, :], 2)
+    return s * scale
+
+
+@triton.jit
+def ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr):
+    """Ring values [BR, BV] of KV head hkv, columns cv, with row w_slot taken as the new value v[b, hkv]."""
+    vw = tl.load(win_v + ((b64 * R + orr[:, None]) * HKV + hkv) * DV + cv[None, :],
+                 mask=((orr < R) & (orr != w_slot))[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0).to(tl.float32)
+    return tl.where((orr == w_slot)[:, None], vn[None, :], vw)

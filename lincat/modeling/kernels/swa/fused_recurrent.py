@@ -1,0 +1,148 @@
+"""Fused Triton decode step of sliding-window softmax attention with optional sink tokens: one launch per layer per
+token.
+
+One program per (row, KV head, value split): scores of the G query heads of the group against the ring (the new
+token taken from registers in its slot pos % R) and against the sinks that have left the window (recorded position
+<= pos - W), one softmax over both, and the readout of its value columns. The same launch writes the new token to
+the ring and, while a row has recorded fewer than S real tokens, to the next sink row (its position is pos, so no
+reader of this step can see it; readers also skip rows at or past the row's sink count, which only the last program
+of the row updates, together with `pos`).
+
+Matches kernels/step_torch.py:swa_step_torch.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
+    raise
+
+from ..fused_utils import BUDGET, check_state, contig, p2, ring_scores, ring_values, value_block, value_splits, warps
+from ..utils import DEN_EPS
+
+
+@triton.jit
+def _swa_step(qr, kr, v, win_k, win_v, win_valid, sink_k, sink_v, sink_pos, sink_valid, n_valid, o, valid, pos,
+              ticket, scale, eps,
+              W: tl.constexpr, R: tl.constexpr, NS: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
+              DK: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+              BR: tl.constexpr, BS: tl.constexpr, BDC: tl.constexpr, BV: tl.constexpr, NDV: tl.constexpr,
+              HAS_VALID: tl.constexpr, HAS_SINKS: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid % NDV
+    bh = pid // NDV
+    b = bh // HKV
+    hkv = bh % HKV
+    b64 = b.to(tl.int64)
+    p = tl.load(pos + b)
+    w_slot = p % R
+    od = tl.arange(0, BD)
+    og = tl.arange(0, BG)
+    orr = tl.arange(0, BR)
+    ov = tl.arange(0, BV)
+    md, mg = od < DK, og < G
+    if HAS_VALID:
+        ok_new = tl.load(valid + b) != 0
+    else:
+        ok_new = p >= 0  # True
+    h0 = hkv * G
+
+    s = ring_scores(qr, win_k, kr, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR, BD, BDC)
+    okw = tl.load(win_valid + b64 * R + orr, mask=(orr < R) & (orr != w_slot), other=0) != 0
+    okw = tl.where(orr == w_slot, ok_new, okw)
+    s = tl.where(okw[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    if HAS_SINKS:
+        osn = tl.arange(0, BS)
+        nv = tl.load(n_valid + b)
+        spos = tl.load(sink_pos + b64 * (NS + 1) + osn, mask=osn < NS, other=0)
+        sok = tl.load(sink_valid + b64 * (NS + 1) + osn, mask=osn < NS, other=0) != 0
+        vis = (osn < nv) & sok & (spos <= p - W)
+        ss = tl.zeros([BG, BS], dtype=tl.float32)
+        for d0 in tl.static_range(0, BD, BDC):
+            cd = d0 + tl.arange(0, BDC)
+            mdc = cd < DK
+            qc = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + cd[None, :], mask=mg[:, None] & mdc[None, :],
+                         other=0.0).to(tl.float32)
+            kc = tl.load(sink_k + ((b64 * (NS + 1) + osn[:, None]) * HKV + hkv) * DK + cd[None, :],
+                         mask=vis[:, None] & mdc[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(qc[:, None, :] * kc[None, :, :], 2)
+        ss = tl.where(vis[None, :], ss * scale, float("-inf"))
+        m = tl.maximum(m, tl.max(ss, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(s - m[:, None])
+    den = tl.sum(e, 1)
+    if HAS_SINKS:
+        es = tl.exp(ss - m[:, None])
+        den += tl.sum(es, 1)
+        rec = ok_new & (nv < NS)  # this token becomes sink number nv
+    rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
+
+    DVP: tl.constexpr = DV // NDV
+    for v0 in range(0, DVP, BV):
+        cv = j * DVP + v0 + ov
+        mv = (v0 + ov < DVP) & (cv < DV)
+        vw = ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R, HKV, DV)
+        num = tl.sum(e[:, :, None] * vw[None, :, :], 1)
+        vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
+        if HAS_SINKS:
+            sv = tl.load(sink_v + ((b64 * (NS + 1) + osn[:, None]) * HKV + hkv) * DV + cv[None, :],
+                         mask=vis[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            num += tl.sum(es[:, :, None] * sv[None, :, :], 1)
+            tl.store(sink_v + ((b64 * (NS + 1) + nv) * HKV + hkv) * DV + cv, vn.to(sink_v.dtype.element_ty),
+                     mask=tl.where(rec, mv, False))
+        tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], (num * rden[:, None]).to(o.dtype.element_ty),
+                 mask=mg[:, None] & mv[None, :])
+        tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty), mask=mv)
+    mk = tl.where(j == 0, md, False)
+    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=mk, other=0.0)
+    tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kn.to(win_k.dtype.element_ty), mask=mk)
+    first = (j == 0) & (hkv == 0)
+    tl.store(win_valid + b64 * R + w_slot, ok_new, mask=first)
+    if HAS_SINKS:
+        tl.store(sink_k + ((b64 * (NS + 1) + nv) * HKV + hkv) * DK + od, kn.to(sink_k.dtype.element_ty),
+                 mask=tl.where(rec, mk, False))
+        tl.store(sink_pos + b64 * (NS + 1) + nv, p, mask=first & rec)
+        tl.store(sink_valid + b64 * (NS + 1) + nv, ok_new, mask=first & rec)
+    # the last program of the row: pos (and the sink count) move on; every program has read them by now
+    tl.debug_barrier()
+    ticket_no = tl.atomic_add(ticket + b, 1)
+    last = ticket_no == HKV * NDV - 1
+    tl.store(pos + b, p + 1, mask=last)
+    tl.store(ticket + b, 0, mask=last)
+    if HAS_SINKS:
+        tl.store(n_valid + b, nv + ok_new.to(nv.dtype), mask=last)
+
+
+def fused_swa_step(qr, kr, v, scale, window, state, valid=None):
+    """qr [B, H, D], kr [B, Hkv, D] (post-RoPE), v [B, Hkv, Dv]; state with the ring win_k / win_v [B, R, Hkv, D],
+    win_valid [B, R], pos [B], ticket [B] and, for sinks, sink_k / sink_v [B, S + 1, Hkv, D], sink_pos / sink_valid
+    [B, S + 1], n_valid [B] (the last row is update_sinks' spare: unused here); all updated in place.
+    Returns o [B, H, Dv]."""
+    qr, kr, v = contig(qr, kr, v)
+    check_state(state, "win_k", "win_v", "win_valid", "pos", "ticket")
+    b, h, dk = qr.shape
+    hkv, dv = kr.shape[1], v.shape[2]
+    ring = state["win_k"].shape[1]
+    if v.shape[1] != hkv or h % hkv:
+        raise ValueError(f"swa step: shapes q {tuple(qr.shape)} k {tuple(kr.shape)} v {tuple(v.shape)} do not fit")
+    sinks = "sink_k" in state
+    ns = state["sink_k"].shape[1] - 1 if sinks else 0
+    if sinks:
+        check_state(state, "sink_k", "sink_v", "sink_pos", "sink_valid", "n_valid")
+    g = h // hkv
+    bg, bd, br = max(2, p2(g)), p2(dk), p2(ring)
+    bv = value_block(dv, br, bg)
+    bdc = max(1, min(bd, BUDGET // (bg * max(br, p2(ns)))))
+    ndv = value_splits(dv, bv, b * hkv, v.device)
+    o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
+    sk = [state[n] for n in ("sink_k", "sink_v", "sink_pos", "sink_valid", "n_valid")] if sinks else [o] * 5
+    _swa_step[(b * hkv * ndv,)](
+        qr, kr, v, state["win_k"], state["win_v"], state["win_valid"], *sk, o, valid.contiguous() if valid is not None else o,
+        state["pos"], state["ticket"], float(scale), DEN_EPS, W=window, R=ring, NS=ns, H=h, HKV=hkv, DK=dk, DV=dv,
+        G=g, BG=bg, BD=bd, BR=br, BS=max(2, p2(ns)), BDC=bdc, BV=bv, NDV=ndv, HAS_VALID=valid is not None,
+        HAS_SINKS=sinks, num_warps=warps(bg * br * bv),
+    )
+    return o

@@ -1,0 +1,147 @@
+"""Fused Triton decode step of the LoLCATs hybrid (Hedgehog linear attention + sliding-window softmax, one
+normalizer): one launch per layer per token.
+
+One program per (row, state head):
+1. the token leaving the window (index pos - W, ring slot (pos - W) % R) goes into the linear state: its key's
+   feature map phi(k_old) (computed here from the stored post-RoPE key) and S += phi(k_old) v_old^T, z += phi(k_old);
+2. the new token's key/value are written to ring slot pos % R (by the first state head of each KV head group);
+3. the G query heads that share the state read out
+   o = (sum_window gamma exp(q.k * scale - m) v + phi(q) S) / (sum_window gamma exp(q.k * scale - m) + phi(q) z),
+   with m the max window score, as torch_recurrent.py does.
+The ring has R = W + 1 slots, so the evicted row (read by every program of the row) and the written row are
+different slots: no program reads what another writes. The new token's row is taken from registers.
+
+Matches kernels/step_torch.py:lolcats_step_torch.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
+    raise
+
+from ..fused_utils import (BUDGET, advance_pos, check_state, contig, hedgehog_features, p2, ring_scores, ring_values,
+                           value_block, warps)
+from ..utils import DEN_EPS
+
+
+@triton.jit
+def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, valid, pos, ticket, scale, eps,
+                  W: tl.constexpr, R: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, HKV: tl.constexpr,
+                  DK: tl.constexpr, FH: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                  BD: tl.constexpr, BF: tl.constexpr, BR: tl.constexpr, BDC: tl.constexpr, BV: tl.constexpr,
+                  HAS_VALID: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HS
+    hs = pid % HS
+    group = HS // HKV
+    hkv = hs // group
+    writer = (hs % group) == 0
+    b64 = b.to(tl.int64)
+    p = tl.load(pos + b)
+    w_slot = p % R
+    e_slot = (p + (R - W)) % R
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    og = tl.arange(0, BG)
+    orr = tl.arange(0, BR)
+    ov = tl.arange(0, BV)
+    md, mf, mg = od < DK, of < FH, og < G
+    if HAS_VALID:
+        ok_new = tl.load(valid + b) != 0
+    else:
+        ok_new = p >= 0  # True
+
+    # 1. the evicted token's features (zero if its slot is empty or padding)
+    ok_old = tl.load(win_valid + b64 * R + e_slot) != 0
+    k_old = tl.load(win_k + ((b64 * R + e_slot) * HKV + hkv) * DK + od, mask=md, other=0.0).to(tl.float32)
+    kp, kn = hedgehog_features(k_old, wk, hs, od, of, DK, FH)
+    okf = ok_old.to(tl.float32)
+    kp = kp * okf
+    kn = kn * okf
+    zb = (b64 * HS + hs) * (2 * FH)
+    zp = tl.load(Z + zb + of, mask=mf, other=0.0) + kp
+    zn = tl.load(Z + zb + FH + of, mask=mf, other=0.0) + kn
+    tl.store(Z + zb + of, zp, mask=mf)
+    tl.store(Z + zb + FH + of, zn, mask=mf)
+
+    # 3a. window weights: the ring minus the evicted slot, with the new token in the written slot
+    h0 = hs * G
+    s = ring_scores(q, win_k, k, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR, BD, BDC)
+    okw = tl.load(win_valid + b64 * R + orr, mask=(orr < R) & (orr != w_slot), other=0) != 0
+    okw = tl.where(orr == w_slot, ok_new, okw)
+    okw = okw & (orr != e_slot)
+    s = tl.where(okw[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    gam = tl.load(gamma + h0 + og, mask=mg, other=0.0).to(tl.float32)
+    a = tl.exp(s - m[:, None]) * gam[:, None]
+
+    # 3b. linear part: the queries' features
+    qp_all = tl.zeros([BG, BF], dtype=tl.float32)
+    qn_all = tl.zeros([BG, BF], dtype=tl.float32)
+    for g in tl.static_range(G):
+        qx = tl.load(q + (b64 * H + h0 + g) * DK + od, mask=md, other=0.0).to(tl.float32)
+        qp, qn = hedgehog_features(qx, wq, h0 + g, od, of, DK, FH)
+        sel = (og == g)[:, None]
+        qp_all = tl.where(sel, qp[None, :], qp_all)
+        qn_all = tl.where(sel, qn[None, :], qn_all)
+    den = tl.sum(a, 1) + tl.sum(qp_all * zp[None, :], 1) + tl.sum(qn_all * zn[None, :], 1)
+    rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
+
+    sb = (b64 * HS + hs) * (2 * FH) * DV
+    for v0 in range(0, DV, BV):
+        cv = v0 + ov
+        mv = cv < DV
+        m2 = mf[:, None] & mv[None, :]
+        v_old = tl.load(win_v + ((b64 * R + e_slot) * HKV + hkv) * DV + cv, mask=mv, other=0.0).to(tl.float32)
+        ptr_p = S + sb + of[:, None] * DV + cv[None, :]
+        ptr_n = ptr_p + FH * DV
+        sp = tl.load(ptr_p, mask=m2, other=0.0) + kp[:, None] * v_old[None, :]
+        sn = tl.load(ptr_n, mask=m2, other=0.0) + kn[:, None] * v_old[None, :]
+        tl.store(ptr_p, sp, mask=m2)
+        tl.store(ptr_n, sn, mask=m2)
+        vw = ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R, HKV, DV)
+        num = tl.sum(a[:, :, None] * vw[None, :, :], 1)
+        num += tl.sum(qp_all[:, :, None] * sp[None, :, :], 1) + tl.sum(qn_all[:, :, None] * sn[None, :, :], 1)
+        tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], (num * rden[:, None]).to(o.dtype.element_ty),
+                 mask=mg[:, None] & mv[None, :])
+        # 2. the new value's columns (one writer per KV head)
+        vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
+        tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty), mask=tl.where(writer, mv, False))
+    # 2. the new key and its validity
+    mk = tl.where(writer, md, False)
+    kx = tl.load(k + (b64 * HKV + hkv) * DK + od, mask=mk, other=0.0)
+    tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kx.to(win_k.dtype.element_ty), mask=mk)
+    tl.store(win_valid + b64 * R + w_slot, ok_new, mask=hs == 0)
+    advance_pos(pos, ticket, b, p, HS)
+
+
+def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=None):
+    """qr [B, H, Dk], kr [B, Hkv, Dk] (post-RoPE), v [B, Hkv, Dv]; wq [H, Dk, Fh], wk [Hs, Dk, Fh]; gamma [H];
+    state with S [B, Hs, 2Fh, Dv], z [B, Hs, 2Fh] (fp32), win_k / win_v [B, R, Hkv, D], win_valid [B, R] (R > W:
+    the evicted and the written slot must differ),
+    pos [B], ticket [B], all updated in place. Returns o [B, H, Dv]."""
+    qr, kr, v, wq, wk, gamma = contig(qr, kr, v, wq, wk, gamma)
+    check_state(state, "S", "z", "win_k", "win_v", "win_valid", "pos", "ticket")
+    b, h, dk = qr.shape
+    hkv, dv = kr.shape[1], v.shape[2]
+    hs, _, fh = wk.shape
+    ring = state["win_k"].shape[1]
+    if v.shape[1] != hkv or h % hs or hs % hkv or state["S"].shape != (b, hs, 2 * fh, dv) or ring <= window:
+        raise ValueError(f"lolcats step: shapes q {tuple(qr.shape)} k {tuple(kr.shape)} v {tuple(v.shape)} "
+                         f"wk {tuple(wk.shape)} S {tuple(state['S'].shape)} ring {ring} window {window} do not fit")
+    g = h // hs
+    bg, bf, br, bd = max(2, p2(g)), p2(fh), p2(ring), p2(dk)
+    bv = value_block(dv, max(br, bf), bg)
+    bdc = max(1, min(bd, BUDGET // (bg * br)))
+    o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
+    _lolcats_step[(b * hs,)](
+        qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,
+        valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale), DEN_EPS,
+        W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BD=bd, BF=bf, BR=br, BDC=bdc, BV=bv,
+        HAS_VALID=valid is not None, num_warps=warps(max(bg * br * bv, bd * bf)),
+    )
+    return o

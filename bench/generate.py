@@ -515,9 +515,8 @@ def tput_lincat(size, kind, model, batches, ctxs, n, prompt=128):
         except Exception as e:  # noqa: BLE001
             for ctx in ctxs:
                 record(size, system, b, ctx, None, None,
-                       "OOM" if is_oom(e) else f"error: {short(e)}")
-            if not is_oom(e):
-                traceback.print_exc()
+                       f"OOM (peak {peak_gib():.1f} GiB; {short(e)})" if is_oom(e) else f"error: {short(e)}")
+            traceback.print_exc()
         finally:
             cache = dec = None
             cleanup()
@@ -750,12 +749,14 @@ def main():
     ap.add_argument("--steps-1b", type=int, default=16)
     ap.add_argument("--steps-8b", type=int, default=8)
     ap.add_argument("--compile", action="store_true", help="also check transformers' compiled static generate")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: check,long,micro,tput,e2e")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: check,long,micro,compile,tput,e2e")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "generate.md"))
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on CPU through Triton's interpreter: "
                     "checks that every code path runs (no meaningful numbers); writes to /tmp")
     args = ARGS = ap.parse_args()
+    # inference only: with autograd on, a prefill's states carry its whole graph (and every config's activations)
+    torch.set_grad_enabled(False)
     skip = set(filter(None, args.skip.split(",")))
     if args.smoke_cpu:
         global DEV
@@ -786,18 +787,15 @@ def main():
         micro_cfg = [(1, 4096), (16, 32768), (64, 32768), (256, 32768)]
         plan = [("1B", [1, 16, 64, 256], [1, 16, 64, 256]), ("8B", [1, 16, 64], [1, 16, 64, 256])]
         e2e_tokens = 2048
-    if "check" not in skip:
-        check_steps()
-    if "long" not in skip:
-        long_generation(args.stories, long_lengths)
-    if "micro" not in skip:
-        micro(micro_cfg, rep=100 if args.quick else 200)
-    if "tput" not in skip:
-        throughput(plan, ctxs, {"1B": args.steps_1b, "8B": args.steps_8b})
-    if "e2e" not in skip:
-        end_to_end("1B", e2e_tokens)
-    if args.compile:
-        compile_check()
+    sections = [("check", check_steps), ("long", lambda: long_generation(args.stories, long_lengths)),
+                ("micro", lambda: micro(micro_cfg, rep=100 if args.quick else 200)),
+                ("compile", compile_check if args.compile else None),
+                ("tput", lambda: throughput(plan, ctxs, {"1B": args.steps_1b, "8B": args.steps_8b})),
+                ("e2e", lambda: end_to_end("1B", e2e_tokens))]
+    for name, fn in sections:
+        if fn is not None and name not in skip:
+            fn()
+            report(args, args.out)  # after every section: a run cut short keeps what it measured
     text = report(args, args.out)
     print("\n" + "=" * 100 + "\n")
     print(text)

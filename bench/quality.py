@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--lengths", default="1024,2048", help="two perplexity context lengths (short, long)")
     ap.add_argument("--passkey-trials", type=int, default=4)
     ap.add_argument("--work", default="/tmp/lincat-quality")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds; recipes not started by then are skipped")
     args = ap.parse_args()
 
     out, work = Path(args.out), Path(args.work)
@@ -100,6 +101,10 @@ def main():
     hybrid_layers = None
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         recipe, extra = VARIANTS[name]
+        if args.deadline and time.time() - t0 > args.deadline:
+            print(f"{name}: skipped (past --deadline)", flush=True)
+            results[name] = {"error": "skipped: past the time budget (--deadline)"}
+            continue
         stages = 2 if recipe in TWO_STAGE else 1
         steps = max(int(args.tokens / stages / per_step), 1)
         ov = [f"data.seq_len={args.seq_len}", "data.val_sequences=16", f"stage1.batch_size={args.batch}",
@@ -138,6 +143,7 @@ def main():
             mse = record["stage1_mse"]
             hybrid_layers = sorted(sorted(range(len(mse)), key=lambda i: -mse[i])[:2])
         (out / "quality.json").write_text(json.dumps(results, indent=1))
+        write_report(results, args, out, time.time() - t0)  # after every recipe: a killed run keeps what it has
         torch.cuda.empty_cache() if device == "cuda" else None
 
     write_report(results, args, out, time.time() - t0)

@@ -84,7 +84,8 @@ def modeling_files() -> dict[str, str]:
 def state_bytes(spec: LayerSpec, dtype_bytes: int) -> int:
     """Per-sequence bytes of one lincat layer's decode state (fp32 recurrent state, window ring in model dtype)."""
     d, hkv, w = spec.head_dim, spec.num_kv_heads, spec.window
-    window = 2 * w * hkv * d * dtype_bytes + w
+    ring = w + 1 if spec.kind == "lolcats" else w  # lolcats keeps one extra slot (cache.py says why)
+    window = 2 * ring * hkv * d * dtype_bytes + ring
     if spec.kind in ("hedgehog", "lolcats"):
         f = 2 * spec.feature_dim
         linear = spec.state_heads * (f * d + f) * 4

@@ -191,3 +191,23 @@ def test_push_with_stub(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
         push_folder(d, "me/model", api=StubApi())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_card_state_size_is_the_cache_size(kind):
+    """The card's per-sequence state table counts exactly the bytes the decode cache holds (minus pos/ticket)."""
+    from conftest import tiny_model
+    from lincat.export import state_bytes
+    from lincat.modeling.cache import LincatCache, LincatLayerCache
+    from lincat.modeling.modeling_lincat import lincat_modules
+
+    model = lincat.convert(tiny_model("llama"), kind, window=8, backend="torch")
+    cache = LincatCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (3, 20)), past_key_values=cache, use_cache=True)
+    layers = [c for c in cache.layers if isinstance(c, LincatLayerCache)]
+    specs = [m.spec for m in lincat_modules(model)]
+    assert layers and len(layers) == len(specs)
+    for layer, spec in zip(layers, specs):
+        held = sum(t.numel() * t.element_size() for k, t in layer.state.items() if k not in ("pos", "ticket"))
+        assert held == 3 * state_bytes(spec, 4), (kind, {k: tuple(t.shape) for k, t in layer.state.items()})

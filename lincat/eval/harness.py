@@ -71,5 +71,6 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path=None, limit=Non
     out = {}
     for task in tasks:
         metrics = res["results"].get(task, {})
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        out[task] = {k.split(",")[0]: v for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and "stderr" not in k and not k.startswith("sample_len")}
     return out

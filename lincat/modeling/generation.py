@@ -99,6 +99,7 @@ class DecodeGraph:
             logits = logits / self.temperature - torch.log(-torch.log(u))
         return logits.argmax(-1)
 
+    @torch.no_grad()  # decoding never needs gradients; with them, every captured step would extend an autograd graph
     def _step(self):
         logits = self.model(input_ids=self.tokens, position_ids=self.positions, attention_mask=self.mask,
                             past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -205,12 +205,22 @@ def test_fused_equals_torch_step(kind, shared, sinks, splits, tune):
     """From an arbitrary state with different positions per row, three steps (with and without a validity mask):
     outputs and every state tensor match the PyTorch step."""
     tune.update(splits=splits, bv=4 if splits else None)
-    p = Problem(kind, shared=shared, sinks=sinks, h=8, hkv=2, d=8, fh=8, window=4, seed=3)
+    fused_matches_torch(Problem(kind, shared=shared, sinks=sinks, h=8, hkv=2, d=8, fh=8, window=4, seed=3), 3)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["lolcats", "swa", "liger"])
+def test_fused_window_not_a_power_of_two(kind):
+    """A 6-token window (tiles padded to 8) over more steps than the ring holds."""
+    fused_matches_torch(Problem(kind, t=10, shared=kind != "lolcats", h=4, hkv=2, d=8, fh=8, window=6, seed=5), 9)
+
+
+def fused_matches_torch(p, steps):
     st = random_state(p, 1)
     st_ref = {n: x.clone() for n, x in st.items()}
-    for i in range(3):
-        o = p.step(FUSED[kind], st, i, valid=i != 1)
-        o_ref = p.step(TORCH[kind], st_ref, i, valid=i != 1)
+    for i in range(steps):
+        o = p.step(FUSED[p.kind], st, i, valid=i != 1)
+        o_ref = p.step(TORCH[p.kind], st_ref, i, valid=i != 1)
         assert rel(o, o_ref) < 1e-5, (i, rel(o, o_ref))
     for name in st:
         a, b = st[name], st_ref[name]

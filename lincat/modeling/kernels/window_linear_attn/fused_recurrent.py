@@ -5,7 +5,7 @@ One program per (row, state head):
 1. the token leaving the window (index pos - W, ring slot (pos - W) % R) goes into the linear state: its key's
    feature map phi(k_old) (computed here from the stored post-RoPE key) and S += phi(k_old) v_old^T, z += phi(k_old);
 2. the new token's key/value are written to ring slot pos % R (by the first state head of each KV head group);
-3. the G query heads that share the state read out
+3. the G query heads that share the state read out, over the W newest ring rows (gathered by index)
    o = (sum_window gamma exp(q.k * scale - m) v + phi(q) S) / (sum_window gamma exp(q.k * scale - m) + phi(q) z),
    with m the max window score, as torch_recurrent.py does.
 The ring has R = W + 1 slots, so the evicted row (read by every program of the row) and the written row are
@@ -46,7 +46,11 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, vali
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     og = tl.arange(0, BG)
-    orr = tl.arange(0, BR)
+    # The window is the W newest ring rows, tokens p, p - 1, ..., p - W + 1: gathered by index, so the tiles are
+    # W wide rather than the R = W + 1 slots padded to a power of two (twice W), and the evicted slot is never among
+    # them. Lanes past W point past the ring (masked).
+    jr = tl.arange(0, BR)
+    orr = tl.where(jr < W, (p - jr + R) % R, R)
     ov = tl.arange(0, BV)
     md, mf, mg = od < DK, of < FH, og < G
     if HAS_VALID:
@@ -72,7 +76,6 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, vali
     s = ring_scores(q, win_k, k, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR, BD, BDC)
     okw = tl.load(win_valid + b64 * R + orr, mask=(orr < R) & (orr != w_slot), other=0) != 0
     okw = tl.where(orr == w_slot, ok_new, okw)
-    okw = okw & (orr != e_slot)
     s = tl.where(okw[None, :], s, float("-inf"))
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -134,7 +137,7 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
         raise ValueError(f"lolcats step: shapes q {tuple(qr.shape)} k {tuple(kr.shape)} v {tuple(v.shape)} "
                          f"wk {tuple(wk.shape)} S {tuple(state['S'].shape)} ring {ring} window {window} do not fit")
     g = h // hs
-    bg, bf, br, bd = max(2, p2(g)), p2(fh), p2(ring), p2(dk)
+    bg, bf, br, bd = max(2, p2(g)), p2(fh), p2(window), p2(dk)
     bv = value_block(dv, max(br, bf), bg)
     bdc = max(1, min(bd, BUDGET // (bg * br)))
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)

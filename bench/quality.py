@@ -143,7 +143,7 @@ def main():
             mse = record["stage1_mse"]
             hybrid_layers = sorted(sorted(range(len(mse)), key=lambda i: -mse[i])[:2])
         (out / "quality.json").write_text(json.dumps(results, indent=1))
-        write_report(results, args, out, time.time() - t0)  # after every recipe: a killed run keeps what it has
+        write_report(results, args, out, time.time() - t0, show=False)  # after every recipe: a killed run keeps it
         torch.cuda.empty_cache() if device == "cuda" else None
 
     write_report(results, args, out, time.time() - t0)
@@ -156,7 +156,7 @@ def main():
                 tar.add(d / "train", arcname=f"{d.name}/train")
 
 
-def write_report(results: dict, args, out: Path, seconds: float):
+def write_report(results: dict, args, out: Path, seconds: float, show: bool = True):
     t = results["teacher"]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     lines = [
@@ -188,7 +188,8 @@ def write_report(results: dict, args, out: Path, seconds: float):
             f"{r['passkey_beyond']:.0%} | {r['tokens'] / 1e6:.1f}M | {r['gpu_min']:.1f} | - |")
     text = "\n".join(lines) + "\n"
     (out / "quality.md").write_text(text)
-    print(text, flush=True)
+    if show:
+        print(text, flush=True)
 
 
 if __name__ == "__main__":

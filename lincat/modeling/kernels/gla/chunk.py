@@ -21,6 +21,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import batch_to_varlen, varlen_to_batch, varlen_valid
+from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, segment_chunks, store
 
 # Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: from a cost model); programs: SM count that
 # model assumes (None: the device's); fwd_bd: value block of the forward; bwd_block: feature / value block of
@@ -30,53 +31,10 @@ TUNE = {
 }
 
 
-
 def _safe(dtype) -> float:
     """Largest in-chunk decay (in log units) that the factored path takes: exp(decay) must stay far from the
     operand dtype's overflow (fp16 tops out at 65504, bf16 / fp32 near 3e38)."""
     return 8.0 if dtype == torch.float16 else 60.0
-
-
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _prec(dtype) -> str:
-    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _sm_count(device) -> int:
-    if TUNE["programs"]:
-        return TUNE["programs"]
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _segment_chunks(n_chunks: int, parallel: int, device) -> int:
-    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
-    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
-    it; each extra segment costs a pre-pass over its keys."""
-    if TUNE["seg_chunks"]:
-        return TUNE["seg_chunks"]
-    sms = _sm_count(device)
-    best, best_ns = None, 1
-    for ns in range(1, min(n_chunks, 64) + 1):
-        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
-        if best is None or cost < best:
-            best, best_ns = cost, ns
-    return triton.cdiv(n_chunks, best_ns)
-
-
-def _warps(elems: int) -> int:
-    return TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
-
-
-def _launch_opts(elems: int, stages: int = 1) -> dict:
-    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline, and more stages
-    only spill registers; the segment pre-passes stream a plain loop and get 3."""
-    return {"num_warps": _warps(elems), "num_stages": TUNE["num_stages"] or stages}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,42 +42,11 @@ def _launch_opts(elems: int, stages: int = 1) -> dict:
 
 
 @triton.jit
-def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
-    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
-    element). The host checks that T * NH * X fits in 32 bits."""
-    row0 = base + (b.to(tl.int64) * T * NH + h) * X
-    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
-    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
-
-
-@triton.jit
-def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
-    """Keys that exist (t < lim) and are not padding."""
-    ok = (t < lim) & (t >= 0)
-    if HAS_VALID:
-        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
-    return ok
-
-
-@triton.jit
 def _gates(g, valid, bi, hk, t, T, f, HK: tl.constexpr, F: tl.constexpr, HAS_VALID: tl.constexpr):
     """In-chunk cumulative log decay lg [C, BF], the chunk's total (last row) and the key mask: padding and rows past
     the end neither decay nor write the state."""
-    ok = _keys_ok(valid, bi, t, T, T, HAS_VALID)
-    gt = tl.where(ok[:, None], _load(g, bi, hk, t, f, T, HK, F).to(tl.float32), 0.0)
+    ok = keys_ok(valid, bi, t, T, T, HAS_VALID)
+    gt = tl.where(ok[:, None], load(g, bi, hk, t, f, T, HK, F).to(tl.float32), 0.0)
     return tl.cumsum(gt, 0), tl.sum(gt, 0), ok
 
 
@@ -242,8 +169,8 @@ def _seg_kv(kf, v, g, valid, hs, hg, T, SEG, NS,
     for n in range(n0, tl.minimum(n0 + SEG, tl.cdiv(T, C))):
         t = n * C + c
         lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
-        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, bi, hv, t, d, T, HV, D)
         kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
         acc = acc * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
         tot += last
@@ -273,8 +200,8 @@ def _seg_q(qf, do, g, valid, hs, T, SEG, NS, S_OFF,
         acc = acc * tl.exp(last)[:, None]
         for gi in range(G):
             h = hk * G + gi
-            qt = _load(qf, bi, h, t, f, T, H, F)
-            dot_ = _load(do, bi, h, t, d, T, H, D)
+            qt = load(qf, bi, h, t, f, T, H, F)
+            dot_ = load(do, bi, h, t, d, T, H, D)
             qd = (qt * tl.exp(lg)).to(dot_.dtype)
             acc = tl.dot(tl.trans(qd), dot_, acc=acc, input_precision=PREC)
     ps, ms = _state_ptr(hs, bi, hk, i_s, NS, f, d, HK, F, D)
@@ -334,10 +261,10 @@ def _fwd(qf, kf, v, g, valid, o, h0, ht, T, SEG, NSLOT,
         t = n * C + c
         lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
         safe = tl.max(-last, 0) <= SAFE
-        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, bi, hv, t, d, T, HV, D)
         Sc = S.to(vt.dtype)
-        qt = _load(qf, bi, h, t, f, T, H, F)
+        qt = load(qf, bi, h, t, f, T, H, F)
         qd = (qt * tl.exp(lg)).to(vt.dtype)
         acc = tl.dot(qd, Sc, input_precision=PREC)
         if safe:
@@ -346,7 +273,7 @@ def _fwd(qf, kf, v, g, valid, o, h0, ht, T, SEG, NSLOT,
         else:
             a = _intra_exact(qt, kf, g, valid, bi, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID, False)
         acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
-        _store(o, acc, bi, h, t, d, T, H, D)
+        store(o, acc, bi, h, t, d, T, H, D)
         kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
         S = S * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
     if STORE_FINAL:  # the group's first query head stores the state
@@ -385,10 +312,10 @@ def _bwd_dq(kf, v, g, qf, valid, do, dq, qdq, h0, T, SEG, NSLOT,
         t = n * C + c
         lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
         safe = tl.max(-last, 0) <= SAFE
-        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, bi, hv, t, d, T, HV, D)
         STc = ST.to(vt.dtype)
-        dot_ = _load(do, bi, h, t, d, T, H, D)
+        dot_ = load(do, bi, h, t, d, T, H, D)
         da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
         dqt = tl.dot(dot_, STc, input_precision=PREC)
         if safe:
@@ -396,9 +323,9 @@ def _bwd_dq(kf, v, g, qf, valid, do, dq, qdq, h0, T, SEG, NSLOT,
             dqt = tl.dot(da.to(kd.dtype), kd, acc=dqt, input_precision=PREC) * tl.exp(lg)
         else:
             dqt = dqt * tl.exp(lg) + _dq_exact(da, kf, g, valid, bi, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID)
-        _store(dq, dqt, bi, h, t, f, T, H, F)
+        store(dq, dqt, bi, h, t, f, T, H, F)
         if STORE_QDQ:
-            _store(qdq, _load(qf, bi, h, t, f, T, H, F).to(tl.float32) * dqt, bi, h, t, f, T, H, F)
+            store(qdq, load(qf, bi, h, t, f, T, H, F).to(tl.float32) * dqt, bi, h, t, f, T, H, F)
         kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
         ST = ST * tl.exp(last)[None, :] + tl.dot(tl.trans(vt), kl, input_precision=PREC)
 
@@ -453,8 +380,8 @@ def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SE
         t = t0 + c
         lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
         safe = tl.max(-last, 0) <= SAFE
-        kt = tl.where(ok[:, None], _load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = _load(v, bi, hv, t, d, T, HV, D)
+        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, bi, hv, t, d, T, HV, D)
         if gi == 0:  # the state's terms use dS before this chunk's queries join it
             if DO_DK:
                 acc = tl.dot(vt, dS.to(vt.dtype), input_precision=PREC) * tl.exp(last[None, :] - lg)
@@ -465,8 +392,8 @@ def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SE
                 dS = dS * tl.exp(last)[:, None]
             dki = tl.zeros([C, BF], tl.float32)
             qsum = tl.zeros([C, BF], tl.float32)
-        qt = _load(qf, bi, h, t, f, T, H, F)
-        dot_ = _load(do, bi, h, t, d, T, H, D)
+        qt = load(qf, bi, h, t, f, T, H, F)
+        dot_ = load(do, bi, h, t, d, T, H, D)
         qd = (qt * tl.exp(lg)).to(vt.dtype)
         if DO_DK:
             da_t = tl.where(causal_t, tl.dot(vt, tl.trans(dot_), input_precision=PREC), 0.0)
@@ -476,15 +403,15 @@ def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SE
                 acc += _dk_exact(da_t, qt, g, valid, bi, hk, t0, T, f, lg, c, C, HK, F, HAS_VALID)
             dS = tl.dot(tl.trans(dot_), qd, acc=dS, input_precision=PREC)
             if DO_DG:
-                qsum += _load(qdq, bi, h, t, f, T, H, F)
+                qsum += load(qdq, bi, h, t, f, T, H, F)
             if gi == G - 1:
                 dkt = tl.where(ok[:, None], acc + dki * tl.exp(tl.minimum(-lg, SAFE)), 0.0)
-                _store(dk, dkt, bi, hk, t, f, T, HK, F)
+                store(dk, dkt, bi, hk, t, f, T, HK, F)
                 if DO_DG:
                     db = qsum - kt.to(tl.float32) * dkt
                     dgt = tl.cumsum(db, 0, reverse=True) + run[None, :]
                     run += tl.sum(db, 0)
-                    _store(dg, tl.where(ok[:, None], dgt, 0.0), bi, hk, t, f, T, HK, F)
+                    store(dg, tl.where(ok[:, None], dgt, 0.0), bi, hk, t, f, T, HK, F)
         else:
             if safe:
                 kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
@@ -494,7 +421,7 @@ def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SE
             acc = tl.dot(a_t.to(vt.dtype), dot_, acc=acc, input_precision=PREC)
             dS = tl.dot(tl.trans(qd), dot_, acc=dS, input_precision=PREC)
             if gi == G - 1:
-                _store(dv, acc, bi, hk, t, d, T, HK, D)
+                store(dv, acc, bi, hk, t, d, T, HK, D)
     if STORE_TOT:
         pt, mt = _vec_ptr(tot, bi, hk, i_s, NSLOT - 1, f, HK, F)
         tl.store(pt, run, mask=mt)
@@ -516,9 +443,9 @@ def _add_carry(dgl, carry, dg, valid, T, SEG, NS, HK: tl.constexpr, F: tl.conste
     n0 = i_s * SEG
     for n in range(n0, tl.minimum(n0 + SEG, tl.cdiv(T, C))):
         t = n * C + c
-        ok = _keys_ok(valid, bi, t, T, T, HAS_VALID)
-        x = _load(dgl, bi, hk, t, f, T, HK, F) + add[None, :]
-        _store(dg, tl.where(ok[:, None], x, 0.0), bi, hk, t, f, T, HK, F)
+        ok = keys_ok(valid, bi, t, T, T, HAS_VALID)
+        x = load(dgl, bi, hk, t, f, T, HK, F) + add[None, :]
+        store(dg, tl.where(ok[:, None], x, 0.0), bi, hk, t, f, T, HK, F)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -538,12 +465,12 @@ class _GLA(torch.autograd.Function):
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
         c = chunk
         n = triton.cdiv(t, c)
-        bf, bd_all = _p2(f), _p2(d)
+        bf, bd_all = p2(f), p2(d)
         bd = TUNE["fwd_bd"] or _blocks(bf, bd_all)[1]
         nbd = triton.cdiv(d, bd)
-        seg = _segment_chunks(n, b * h * nbd, qf.device)
+        seg = segment_chunks(TUNE, n, b * h * nbd, qf.device)
         ns = triton.cdiv(n, seg)
-        prec = _prec(v.dtype)
+        prec = dot_precision(v.dtype)
         vmask = valid if valid is not None else qf
         o = torch.empty(b, t, h, d, device=qf.device, dtype=v.dtype)
         common = dict(HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
@@ -557,7 +484,7 @@ class _GLA(torch.autograd.Function):
         ht = torch.empty(b, hk, f, d, device=qf.device, dtype=torch.float32) if store_final else o
         _fwd[(nbd, ns, b * h)](
             qf, kf, v, g, vmask, o, h0 if h0 is not None else o, ht, t, seg, nslot, H=h, BF=bf, BD=bd,
-            HAS_H0=h0 is not None, STORE_FINAL=store_final, **common, **_launch_opts(bf * bd))
+            HAS_H0=h0 is not None, STORE_FINAL=store_final, **common, **launch_opts(TUNE, bf * bd))
         final = None
         if output_final_state:
             final = ht if store_final else h0[:, :, ns].contiguous()
@@ -572,8 +499,8 @@ class _GLA(torch.autograd.Function):
         c, seg, ns, nslot, s0_dtype = ctx.cfg
         b, t, h, f = qf.shape
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
-        bf, bd = _p2(f), _p2(d)
-        prec = _prec(v.dtype)
+        bf, bd = p2(f), p2(d)
+        prec = dot_precision(v.dtype)
         dev = qf.device
         f32 = dict(device=dev, dtype=torch.float32)
         do = v.new_zeros(b, t, h, d) if do is None else do.contiguous()  # only the final state was used
@@ -586,7 +513,7 @@ class _GLA(torch.autograd.Function):
         bf_q = TUNE["bwd_block"] or _blocks(bf, bd)[0]
         _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
             kf, v, g, qf, vmask, do, dq, qdq, h0 if h0 is not None else dq, t, seg, nslot, BF=bf_q, BD=bd,
-            HAS_H0=h0 is not None, STORE_QDQ=need_dg, **common, **_launch_opts(bf_q * bd))
+            HAS_H0=h0 is not None, STORE_QDQ=need_dg, **common, **launch_opts(TUNE, bf_q * bd))
 
         # reverse states entering each segment (slot s + 1), and the initial state's gradient (slot 0)
         need_d0 = ctx.needs_input_grad[5]
@@ -614,10 +541,10 @@ class _GLA(torch.autograd.Function):
         bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
         _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
             *args, BF=bf_k, BD=bd, DO_DK=True, DO_DG=need_dg, HAS_CARRY=carry is not None,
-            STORE_TOT=need_dg and ns > 1, STORE_D0=store_d0, **flags, **_launch_opts(bf_k * bd))
+            STORE_TOT=need_dg and ns > 1, STORE_D0=store_d0, **flags, **launch_opts(TUNE, bf_k * bd))
         _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
             *args, BF=bf, BD=bd_v, DO_DK=False, DO_DG=False, HAS_CARRY=False, STORE_TOT=False, STORE_D0=False,
-            **flags, **_launch_opts(bf * bd_v))
+            **flags, **launch_opts(TUNE, bf * bd_v))
         if shared_v:
             dv = dv.view(b, t, hv, hk // hv, d).sum(3).to(v.dtype)
 
@@ -646,14 +573,14 @@ def _segment_states_fwd(kf, v, g, valid, s0, t, seg, ns, c, prec, need_final):
     segment's own sum is not needed otherwise), and each segment's total log decay."""
     b, _, hk, f = kf.shape
     hv, d = v.shape[2], v.shape[3]
-    bf, bd = _p2(f), _p2(d)
+    bf, bd = p2(f), p2(d)
     bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
     dev = kf.device
     loc = torch.zeros(b, hk, ns, f, d, device=dev, dtype=torch.float32)
     lgs = torch.zeros(b, hk, ns, f, device=dev, dtype=torch.float32)
     _seg_kv[(triton.cdiv(f, bf_s), ns if need_final else ns - 1, b * hk)](
         kf, v, g, valid if valid is not None else kf, loc, lgs, t, seg, ns, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s,
-        BD=bd, HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd, 3))
+        BD=bd, HAS_VALID=valid is not None, PREC=prec, **launch_opts(TUNE, bf_s * bd, 3))
     return _chain(loc, lgs, s0, reverse=False), lgs
 
 
@@ -662,30 +589,24 @@ def _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec, nee
     gradient); slot 0 is the initial state's gradient (the first segment's own sum is needed only for it)."""
     b, _, h, f = qf.shape
     d = do.shape[-1]
-    bf, bd = _p2(f), _p2(d)
+    bf, bd = p2(f), p2(d)
     bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
     first = 0 if need_d0 else 1
     loc = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
     _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
         qf, do, g, valid if valid is not None else qf, loc, t, seg, ns, first, H=h, HK=hk, F=f, D=d, C=c, BF=bf_s,
-        BD=bd, HAS_VALID=valid is not None, PREC=prec, **_launch_opts(bf_s * bd, 3))
+        BD=bd, HAS_VALID=valid is not None, PREC=prec, **launch_opts(TUNE, bf_s * bd, 3))
     return _chain(loc, lgs, None if dst is None else dst.float().contiguous(), reverse=True)
 
 
 def _chain(loc, lgs, init, reverse):
     b, hk, ns, f, d = loc.shape
-    bf, bd = min(_p2(f), 64), min(_p2(d), 64)
+    bf, bd = min(p2(f), 64), min(p2(d), 64)
     out = torch.empty(b, hk, ns + 1, f, d, device=loc.device, dtype=torch.float32)
     _scan[(triton.cdiv(f, bf), triton.cdiv(d, bd), b * hk)](
         loc, lgs, init if init is not None else loc, out, ns, HK=hk, F=f, D=d, BF=bf, BD=bd,
         HAS_INIT=init is not None, REVERSE=reverse)
     return out
-
-
-def _check_size(*xs):
-    for x in xs:
-        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
-            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
 
 
 def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None):
@@ -702,7 +623,7 @@ def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=F
     dt = v.dtype
     qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
     v, g = v.contiguous(), g.contiguous()
-    _check_size(qf, kf, v, g)
+    check_size(qf, kf, v, g)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     vmask = None if valid is None else valid.to(torch.uint8).contiguous()
     o, final = _GLA.apply(qf, kf, v, g, vmask, initial_state, bool(output_final_state), c)

@@ -20,6 +20,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
+from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, row_ptrs, segment_chunks, store
 
 # Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: from a cost model); programs: SM count that
 # model assumes (None: the device's); fwd_bd: value block of the forward; bwd_block: feature / value block of
@@ -29,87 +30,8 @@ TUNE = {
 }
 
 
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _prec(dtype) -> str:
-    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _sm_count(device) -> int:
-    if TUNE["programs"]:
-        return TUNE["programs"]
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _segment_chunks(n_chunks: int, parallel: int, device) -> int:
-    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
-    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
-    it; each extra segment costs a pre-pass over its keys."""
-    if TUNE["seg_chunks"]:
-        return TUNE["seg_chunks"]
-    sms = _sm_count(device)
-    best, best_ns = None, 1
-    for ns in range(1, min(n_chunks, 64) + 1):
-        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
-        if best is None or cost < best:
-            best, best_ns = cost, ns
-    return triton.cdiv(n_chunks, best_ns)
-
-
-def _warps(elems: int) -> int:
-    return TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
-
-
-def _launch_opts(elems: int, stages: int = 1) -> dict:
-    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline, and more stages
-    only spill registers; the segment pre-passes stream a plain loop and get 3."""
-    return {"num_warps": _warps(elems), "num_stages": TUNE["num_stages"] or stages}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton helpers
-
-
-@triton.jit
-def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
-    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
-    element). The host checks that T * NH * X fits in 32 bits."""
-    row0 = base + (b.to(tl.int64) * T * NH + h) * X
-    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
-    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
-
-
-@triton.jit
-def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
-    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
-    return base + (b.to(tl.int64) * T * NH + h) + t * NH, (t < T) & (t >= 0)
-
-
-@triton.jit
-def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
-    """Keys that exist (t < lim) and are not padding."""
-    ok = (t < lim) & (t >= 0)
-    if HAS_VALID:
-        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
-    return ok
 
 
 @triton.jit
@@ -135,10 +57,10 @@ def _kv_chunk(kf, v, valid, b, hk, hv, t, lim, T, f, d, PREC: tl.constexpr, HAS_
               HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
     """One chunk's share of the linear state: kf^T v (v^T kf with TRANS) and sum kf over its non-padding keys below
     lim."""
-    ok = _keys_ok(valid, b, t, lim, T, HAS_VALID)
-    kt = _load(kf, b, hk, t, f, T, HK, F)
+    ok = keys_ok(valid, b, t, lim, T, HAS_VALID)
+    kt = load(kf, b, hk, t, f, T, HK, F)
     kt = tl.where(ok[:, None], kt, 0.0)
-    vt = _load(v, b, hv, t, d, T, HV, D)
+    vt = load(v, b, hv, t, d, T, HV, D)
     if TRANS:
         kv = tl.dot(tl.trans(vt), kt, input_precision=PREC)
     else:
@@ -151,11 +73,11 @@ def _q_chunk(qf, do, den, delta, b, h, t, T, f, d, eps, PREC: tl.constexpr,
              H: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
     """One query chunk's share of the reverse state: qf^T dnum (dnum^T qf with TRANS) and sum qf dden
     (dnum = do / den, dden = -do.o / den)."""
-    qt = _load(qf, b, h, t, f, T, H, F)
-    dot_ = _load(do, b, h, t, d, T, H, D).to(tl.float32)
-    pr, mr = _row_ptrs(den, b, h, t, T, H)
+    qt = load(qf, b, h, t, f, T, H, F)
+    dot_ = load(do, b, h, t, d, T, H, D).to(tl.float32)
+    pr, mr = row_ptrs(den, b, h, t, T, H)
     dn = tl.load(pr, mask=mr, other=1.0)
-    dl = tl.load(_row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0)
+    dl = tl.load(row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0)
     rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
     dden = -dl * rden
     dnum = (dot_ * rden[:, None]).to(qt.dtype)
@@ -257,18 +179,18 @@ def _fwd(qf, kf, v, valid, o, den, h0s, h0z, hts, htz, T, SEG, NSLOT, eps,
             kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, t - C, T, T, f, d, PREC, HAS_VALID, HK, HV, F, D)
             S += kv
             z += ks
-        ok = _keys_ok(valid, b, t, T, T, HAS_VALID)
-        kt = tl.where(ok[:, None], _load(kf, b, hk, t, f, T, HK, F), 0.0)
-        vt = _load(v, b, hv, t, d, T, HV, D)
+        ok = keys_ok(valid, b, t, T, T, HAS_VALID)
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, b, hv, t, d, T, HV, D)
         Sc = S.to(kt.dtype)
-        qt = _load(qf, b, h, t, f, T, H, F)
+        qt = load(qf, b, h, t, f, T, H, F)
         a = tl.where(causal, tl.dot(qt, tl.trans(kt), input_precision=PREC), 0.0)
         acc = tl.dot(qt, Sc, input_precision=PREC)
         acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
         dl = tl.sum(qt.to(tl.float32) * z[None, :], 1) + tl.sum(a, 1)
-        _store(o, acc / tl.maximum(dl, eps)[:, None], b, h, t, d, T, H, D)
+        store(o, acc / tl.maximum(dl, eps)[:, None], b, h, t, d, T, H, D)
         if i_d == 0:
-            pr, mr = _row_ptrs(den, b, h, t, T, H)
+            pr, mr = row_ptrs(den, b, h, t, T, H)
             tl.store(pr, dl, mask=mr)
     if STORE_FINAL:  # one segment only; the group's first query head stores its state
         if h % (H // HK) == 0:
@@ -314,23 +236,23 @@ def _bwd_dq(kf, v, valid, o, do, den, dqf, delta, h0s, h0z, T, SEG, NSLOT, eps,
             kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, t - C, T, T, f, d, PREC, HAS_VALID, HK, HV, F, D, True)
             ST += kv
             z += ks
-        ok = _keys_ok(valid, b, t, T, T, HAS_VALID)
-        kt = tl.where(ok[:, None], _load(kf, b, hk, t, f, T, HK, F), 0.0)
-        vt = _load(v, b, hv, t, d, T, HV, D)
-        dot_ = _load(do, b, h, t, d, T, H, D)
-        pr, mr = _row_ptrs(den, b, h, t, T, H)
+        ok = keys_ok(valid, b, t, T, T, HAS_VALID)
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, b, hv, t, d, T, HV, D)
+        dot_ = load(do, b, h, t, d, T, H, D)
+        pr, mr = row_ptrs(den, b, h, t, T, H)
         dn = tl.load(pr, mask=mr, other=1.0)
         rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-        dl = tl.sum(dot_.to(tl.float32) * _load(o, b, h, t, d, T, H, D).to(tl.float32), 1)
+        dl = tl.sum(dot_.to(tl.float32) * load(o, b, h, t, d, T, H, D).to(tl.float32), 1)
         dden = -dl * rden
         dnum = (dot_.to(tl.float32) * rden[:, None]).to(kt.dtype)
         da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
         da = tl.where(causal, da, 0.0)
         dqt = tl.dot(dnum, ST.to(kt.dtype), input_precision=PREC) + dden[:, None] * z[None, :]
         dqt = tl.dot(da.to(kt.dtype), kt, acc=dqt, input_precision=PREC)
-        _store(dqf, dqt, b, h, t, f, T, H, F)
+        store(dqf, dqt, b, h, t, f, T, H, F)
         if i_f == 0:
-            tl.store(_row_ptrs(delta, b, h, t, T, H)[0], dl, mask=mr)
+            tl.store(row_ptrs(delta, b, h, t, T, H)[0], dl, mask=mr)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,30 +300,30 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dkf, dv, dhs, dhz, d0s, d0z, T, S
             qs, zs = _q_chunk(qf, do, den, delta, b, h, t + C, T, f, d, eps, PREC, H, F, D, DO_DKF)
             dS += qs
             dz += zs
-        ok = _keys_ok(valid, b, t, T, T, HAS_VALID)
-        kt = tl.where(ok[:, None], _load(kf, b, hk, t, f, T, HK, F), 0.0)
-        qt = _load(qf, b, h, t, f, T, H, F)
-        dot_ = _load(do, b, h, t, d, T, H, D)
-        pr, mr = _row_ptrs(den, b, h, t, T, H)
+        ok = keys_ok(valid, b, t, T, T, HAS_VALID)
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        qt = load(qf, b, h, t, f, T, H, F)
+        dot_ = load(do, b, h, t, d, T, H, D)
+        pr, mr = row_ptrs(den, b, h, t, T, H)
         dn = tl.load(pr, mask=mr, other=1.0)
         rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
         dnum = (dot_.to(tl.float32) * rden[:, None]).to(kt.dtype)
         acc = tl.where(g > 0, acc, 0.0)  # a new chunk starts with its group's first head
         if DO_DKF:
-            vt = _load(v, b, hv, t, d, T, HV, D)
-            dden = -tl.load(_row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0) * rden
+            vt = load(v, b, hv, t, d, T, HV, D)
+            dden = -tl.load(row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0) * rden
             da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
             da_t = tl.where(causal_t, da_t, 0.0)
             acc = tl.dot(da_t.to(qt.dtype), qt, acc=acc, input_precision=PREC)
             if g == G - 1:
                 acc = tl.dot(vt, dS.to(vt.dtype), acc=acc, input_precision=PREC) + dz[None, :]
-                _store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, t, f, T, HK, F)
+                store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, t, f, T, HK, F)
         else:
             a_t = tl.where(causal_t, tl.dot(kt, tl.trans(qt), input_precision=PREC), 0.0)
             acc = tl.dot(a_t.to(kt.dtype), dnum, acc=acc, input_precision=PREC)
             if g == G - 1:
                 acc = tl.dot(kt, dS.to(kt.dtype), acc=acc, input_precision=PREC)
-                _store(dv, acc, b, hk, t, d, T, HK, D)
+                store(dv, acc, b, hk, t, d, T, HK, D)
     if STORE_D0:  # one segment only: the initial state's gradient sums over every query
         if n1 > n0:
             for g in range(G):
@@ -425,12 +347,12 @@ class _LinearAttn(torch.autograd.Function):
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
         c = chunk
         n = triton.cdiv(t, c)
-        bf, bd_all = _p2(f), _p2(d)
+        bf, bd_all = p2(f), p2(d)
         bd = TUNE["fwd_bd"] or (bd_all if bf * bd_all <= 128 * 128 else max(16, 128 * 128 // bf))  # no spills
         nbd = triton.cdiv(d, bd)
-        seg = _segment_chunks(n, b * h * nbd, qf.device)
+        seg = segment_chunks(TUNE, n, b * h * nbd, qf.device)
         ns = triton.cdiv(n, seg)
-        prec = _prec(v.dtype)
+        prec = dot_precision(v.dtype)
         f32 = dict(device=qf.device, dtype=torch.float32)
         vmask = valid if valid is not None else qf
         o = torch.empty(b, t, h, d, device=qf.device, dtype=v.dtype)
@@ -449,7 +371,7 @@ class _LinearAttn(torch.autograd.Function):
             qf, kf, v, vmask, o, den, h0s if h0s is not None else den, h0z if h0z is not None else den, hts, htz,
             t, seg, nslot, DEN_EPS, H=h, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf, BD=bd,
             HAS_VALID=valid is not None, HAS_H0=h0s is not None, STORE_FINAL=store_final, PREC=prec,
-            **_launch_opts(bf * bd),
+            **launch_opts(TUNE, bf * bd),
         )
         ctx.save_for_backward(qf, kf, v, valid, o, den, h0s, h0z)
         ctx.cfg = (c, seg, ns, nslot, s0 is not None, None if s0 is None else s0.dtype)
@@ -466,8 +388,8 @@ class _LinearAttn(torch.autograd.Function):
         c, seg, ns, nslot, has_s0, s0_dtype = ctx.cfg
         b, t, h, f = qf.shape
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
-        bf, bd = _p2(f), _p2(d)
-        prec = _prec(v.dtype)
+        bf, bd = p2(f), p2(d)
+        prec = dot_precision(v.dtype)
         f32 = dict(device=qf.device, dtype=torch.float32)
         do = torch.zeros_like(o) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else qf
@@ -479,7 +401,7 @@ class _LinearAttn(torch.autograd.Function):
         _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
             kf, v, vmask, o, do, den, dqf, delta, h0s if h0s is not None else den,
             h0z if h0z is not None else den, t, seg, nslot, DEN_EPS, BF=bf_q, BD=bd, HAS_H0=h0s is not None,
-            **common, **_launch_opts(bf_q * bd))
+            **common, **launch_opts(TUNE, bf_q * bd))
 
         # reverse start state of each segment: the final state's gradient plus the queries after the segment
         need_d0 = has_s0 and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
@@ -506,9 +428,11 @@ class _LinearAttn(torch.autograd.Function):
                 dhz if dhz is not None else den, d0s, d0z, t, seg, ns if ns > 1 else 1, DEN_EPS)
         bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
         _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
-            *args, BF=bf_k, BD=bd, DO_DKF=True, HAS_DH=has_dh, STORE_D0=store_d0, **common, **_launch_opts(bf_k * bd))
+            *args, BF=bf_k, BD=bd, DO_DKF=True, HAS_DH=has_dh, STORE_D0=store_d0, **common,
+            **launch_opts(TUNE, bf_k * bd))
         _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
-            *args, BF=bf, BD=bd_v, DO_DKF=False, HAS_DH=has_dh, STORE_D0=False, **common, **_launch_opts(bf * bd_v))
+            *args, BF=bf, BD=bd_v, DO_DKF=False, HAS_DH=has_dh, STORE_D0=False, **common,
+            **launch_opts(TUNE, bf * bd_v))
         if shared_v:
             dv = dv.view(b, t, hv, hk // hv, d).sum(3).to(v.dtype)
         ds0 = dz0 = None
@@ -518,20 +442,20 @@ class _LinearAttn(torch.autograd.Function):
         return dqf, dkf, dv, None, ds0, dz0, None, None
 
 
-def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec, need_final):
+def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec, need_final, tune: dict = TUNE):
     """States entering each segment (slot s): s0 plus a cumsum of the segments' own sums; slot ns, the final state,
     only when asked for (the last segment's sum is not needed otherwise)."""
     b, _, hk, f = kf.shape
     hv, d = v.shape[2], v.shape[3]
-    bf, bd = _p2(f), _p2(d)
-    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
+    bf, bd = p2(f), p2(d)
+    bf_s = tune["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
     nloc = ns if need_final else ns - 1
     loc_s = torch.empty(b, hk, ns, f, d, device=kf.device, dtype=torch.float32)
     loc_z = torch.empty(b, hk, ns, f, device=kf.device, dtype=torch.float32)
     _seg_kv[(triton.cdiv(f, bf_s), nloc, b * hk)](
         kf, v, valid if valid is not None else kf, loc_s, loc_z, t, seg, p, end, ns,
         HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s, BD=bd, HAS_VALID=valid is not None, PREC=prec,
-        **_launch_opts(bf_s * bd, 3))
+        **launch_opts(tune, bf_s * bd, 3))
     hs = torch.zeros(b, hk, nloc + 1, f, d, device=kf.device, dtype=torch.float32)
     hz = torch.zeros(b, hk, nloc + 1, f, device=kf.device, dtype=torch.float32)
     torch.cumsum(loc_s[:, :, :nloc], 2, out=hs[:, :, 1:])
@@ -542,20 +466,20 @@ def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec, need_
     return hs, hz
 
 
-def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_total):
+def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_total, tune: dict = TUNE):
     """Reverse start states: slot s holds the sum of qf dnum^T (and qf dden) over the queries that see all of
     segment s as older than their band, i.e. over the query ranges of the segments after s. With need_total, also
     the sum over all queries (the initial state's gradient), which needs the first segment's range too."""
     b, _, h, f = qf.shape
     d = do.shape[-1]
-    bf, bd = _p2(f), _p2(d)
-    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
+    bf, bd = p2(f), p2(d)
+    bf_s = tune["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
     first = 0 if need_total else 1
     loc_s = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
     loc_z = torch.zeros(b, hk, ns, f, device=qf.device, dtype=torch.float32)
     _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
         qf, do, den, delta, loc_s, loc_z, t, seg, p, ns, first, DEN_EPS,
-        H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd, PREC=prec, **_launch_opts(bf_s * bd, 3))
+        H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd, PREC=prec, **launch_opts(tune, bf_s * bd, 3))
     after_s = loc_s.flip(2).cumsum(2).flip(2)  # slot s: segments >= s
     after_z = loc_z.flip(2).cumsum(2).flip(2)
     hs = torch.zeros_like(loc_s)
@@ -563,12 +487,6 @@ def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_tot
     hs[:, :, :-1] = after_s[:, :, 1:]
     hz[:, :, :-1] = after_z[:, :, 1:]
     return hs, hz, after_s[:, :, 0], after_z[:, :, 0]
-
-
-def _check_size(*xs):
-    for x in xs:
-        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
-            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
 
 
 def chunk_linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_state=False, chunk_size=64,
@@ -589,7 +507,7 @@ def chunk_linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_st
     dt = v.dtype
     qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
     v = v.contiguous()
-    _check_size(qf, kf, v)
+    check_size(qf, kf, v)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     s0 = z0 = None
     if initial_state is not None:

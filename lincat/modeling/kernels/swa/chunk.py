@@ -15,64 +15,13 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
+from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, ptrs, row_ptrs, store
 
 TUNE = {"num_warps": None, "num_stages": None}
 
 
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _prec(dtype) -> str:
-    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _launch_opts(elems: int, stages: int = 1) -> dict:
-    """Warps and pipeline stages. One stage: the band loops are too short to pipeline and more stages spill."""
-    warps = TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
-    return {"num_warps": warps, "num_stages": TUNE["num_stages"] or stages}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton helpers
-
-
-@triton.jit
-def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
-    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
-    element). The host checks that T * NH * X fits in 32 bits."""
-    row0 = base + (b.to(tl.int64) * T * NH + h) * X
-    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
-    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
-
-
-@triton.jit
-def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
-    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
-    return base + (b.to(tl.int64) * T * NH + h) + t * NH, (t < T) & (t >= 0)
-
-
-@triton.jit
-def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
-    """Keys that exist (t < lim) and are not padding."""
-    ok = (t < lim) & (t >= 0)
-    if HAS_VALID:
-        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
-    return ok
 
 
 @triton.jit
@@ -88,7 +37,7 @@ def _sink_scores(qt, sk, spos, sok, bi, hv, tq, j, W, NSINK, scale,
                  HKV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Scores against the sinks [B, NSINK, HKV, DK]: a sink counts once it has left the window (pos <= i - W)."""
     x = tl.arange(0, BK)
-    skt = _load(sk, bi, hv, j, x, NSINK, HKV, DK)
+    skt = load(sk, bi, hv, j, x, NSINK, HKV, DK)
     pos = tl.load(spos + bi * NSINK + j, mask=j < NSINK, other=0)
     ok = tl.load(sok + bi * NSINK + j, mask=j < NSINK, other=0) != 0
     vis = ok[None, :] & (pos[None, :] <= (tq[:, None] - W).to(pos.dtype))
@@ -112,15 +61,15 @@ def _fwd(q, k, v, sk, sv, spos, sok, valid, o, lse, T, W, P, NSINK, scale, eps,
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
     tq = n * C + c
-    qt = _load(q, bi, h, tq, x, T, H, DK)
+    qt = load(q, bi, h, tq, x, T, H, DK)
     m = tl.full([C], -1e30, tl.float32)
     l = tl.zeros([C], tl.float32)
     acc = tl.zeros([C, BD], tl.float32)
     for p in range(tl.maximum(n - P, 0), n + 1):
         tk = p * C + c
-        ok = _keys_ok(valid, bi, tk, T, T, HAS_VALID)
-        s = _scores(qt, _load(k, bi, hv, tk, x, T, HKV, DK), tq, tk, ok, W, scale, PREC)
-        vt = _load(v, bi, hv, tk, d, T, HKV, D)
+        ok = keys_ok(valid, bi, tk, T, T, HAS_VALID)
+        s = _scores(qt, load(k, bi, hv, tk, x, T, HKV, DK), tq, tk, ok, W, scale, PREC)
+        vt = load(v, bi, hv, tk, d, T, HKV, D)
         mn = tl.maximum(m, tl.max(s, 1))
         e = tl.exp(s - mn[:, None])
         alpha = tl.exp(m - mn)
@@ -130,15 +79,15 @@ def _fwd(q, k, v, sk, sv, spos, sok, valid, o, lse, T, W, P, NSINK, scale, eps,
     if HAS_SINKS:
         j = tl.arange(0, BS)
         s, _ = _sink_scores(qt, sk, spos, sok, bi, hv, tq, j, W, NSINK, scale, HKV, DK, BK, PREC)
-        svt = _load(sv, bi, hv, j, d, NSINK, HKV, D)
+        svt = load(sv, bi, hv, j, d, NSINK, HKV, D)
         mn = tl.maximum(m, tl.max(s, 1))
         e = tl.exp(s - mn[:, None])
         alpha = tl.exp(m - mn)
         acc = acc * alpha[:, None] + tl.dot(e.to(svt.dtype), svt, input_precision=PREC)
         l = l * alpha + tl.sum(e, 1)
         m = mn
-    _store(o, acc / tl.maximum(l, eps)[:, None], bi, h, tq, d, T, H, D)
-    pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+    store(o, acc / tl.maximum(l, eps)[:, None], bi, h, tq, d, T, H, D)
+    pr, mr = row_ptrs(lse, bi, h, tq, T, H)
     # rows that see no key keep weight 0 in the backward: any finite lse does (their scores are -inf)
     tl.store(pr, tl.where(l > 0, m + tl.log(tl.maximum(l, eps)), 0.0), mask=mr)
 
@@ -159,26 +108,26 @@ def _bwd_dq(q, k, v, sk, sv, spos, sok, valid, o, do, lse, delta, dq, dsk, dsv, 
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
     tq = n * C + c
-    qt = _load(q, bi, h, tq, x, T, H, DK)
-    dot_ = _load(do, bi, h, tq, d, T, H, D)
-    dl = tl.sum(dot_.to(tl.float32) * _load(o, bi, h, tq, d, T, H, D).to(tl.float32), 1)
-    pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+    qt = load(q, bi, h, tq, x, T, H, DK)
+    dot_ = load(do, bi, h, tq, d, T, H, D)
+    dl = tl.sum(dot_.to(tl.float32) * load(o, bi, h, tq, d, T, H, D).to(tl.float32), 1)
+    pr, mr = row_ptrs(lse, bi, h, tq, T, H)
     ls = tl.load(pr, mask=mr, other=0.0)
-    tl.store(_row_ptrs(delta, bi, h, tq, T, H)[0], dl, mask=mr)
+    tl.store(row_ptrs(delta, bi, h, tq, T, H)[0], dl, mask=mr)
     dqt = tl.zeros([C, BK], tl.float32)
     for p in range(tl.maximum(n - P, 0), n + 1):
         tk = p * C + c
-        ok = _keys_ok(valid, bi, tk, T, T, HAS_VALID)
-        kt = _load(k, bi, hv, tk, x, T, HKV, DK)
+        ok = keys_ok(valid, bi, tk, T, T, HAS_VALID)
+        kt = load(k, bi, hv, tk, x, T, HKV, DK)
         pw = tl.exp(_scores(qt, kt, tq, tk, ok, W, scale, PREC) - ls[:, None])
-        vt = _load(v, bi, hv, tk, d, T, HKV, D)
+        vt = load(v, bi, hv, tk, d, T, HKV, D)
         ds = pw * (tl.dot(dot_, tl.trans(vt), input_precision=PREC) - dl[:, None])
         dqt = tl.dot(ds.to(kt.dtype), kt, acc=dqt, input_precision=PREC)
     if HAS_SINKS:
         j = tl.arange(0, BS)
         s, skt = _sink_scores(qt, sk, spos, sok, bi, hv, tq, j, W, NSINK, scale, HKV, DK, BK, PREC)
         pw = tl.exp(s - ls[:, None])
-        svt = _load(sv, bi, hv, j, d, NSINK, HKV, D)
+        svt = load(sv, bi, hv, j, d, NSINK, HKV, D)
         ds = pw * (tl.dot(dot_, tl.trans(svt), input_precision=PREC) - dl[:, None])
         dqt = tl.dot(ds.to(skt.dtype), skt, acc=dqt, input_precision=PREC)
         if SINK_GRAD:
@@ -189,11 +138,11 @@ def _bwd_dq(q, k, v, sk, sv, spos, sok, valid, o, do, lse, delta, dq, dsk, dsv, 
             s_t = tl.dot(skt, tl.trans(qt), input_precision=PREC) * scale
             p_t = tl.exp(tl.where(vis_t, s_t, float("-inf")) - ls[None, :])
             ds_t = p_t * (tl.dot(svt, tl.trans(dot_), input_precision=PREC) - dl[None, :])
-            pk, mk = _ptrs(dsk, bi, hv, j, x, NSINK, NSINK, HKV, DK)
+            pk, mk = ptrs(dsk, bi, hv, j, x, NSINK, NSINK, HKV, DK)
             tl.atomic_add(pk, tl.dot(ds_t.to(qt.dtype), qt, input_precision=PREC) * scale, mask=mk)
-            pv, mv = _ptrs(dsv, bi, hv, j, d, NSINK, NSINK, HKV, D)
+            pv, mv = ptrs(dsv, bi, hv, j, d, NSINK, NSINK, HKV, D)
             tl.atomic_add(pv, tl.dot(p_t.to(dot_.dtype), dot_, input_precision=PREC), mask=mv)
-    _store(dq, dqt * scale, bi, h, tq, x, T, H, DK)
+    store(dq, dqt * scale, bi, h, tq, x, T, H, DK)
 
 
 @triton.jit
@@ -209,9 +158,9 @@ def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
     tk = kc * C + c
-    ok = _keys_ok(valid, bi, tk, T, T, HAS_VALID)
-    kt = _load(k, bi, hv, tk, x, T, HKV, DK)
-    vt = _load(v, bi, hv, tk, d, T, HKV, D)
+    ok = keys_ok(valid, bi, tk, T, T, HAS_VALID)
+    kt = load(k, bi, hv, tk, x, T, HKV, DK)
+    vt = load(v, bi, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
     # one flat loop over (query chunk, query head): nested loops carrying the accumulators spill registers
@@ -222,18 +171,18 @@ def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
         tq = qn * C + c
         rel = tk[:, None] - tq[None, :]
         win = (rel <= 0) & (rel > -W) & ok[:, None]
-        qt = _load(q, bi, h, tq, x, T, H, DK)
-        dot_ = _load(do, bi, h, tq, d, T, H, D)
-        pr, mr = _row_ptrs(lse, bi, h, tq, T, H)
+        qt = load(q, bi, h, tq, x, T, H, DK)
+        dot_ = load(do, bi, h, tq, d, T, H, D)
+        pr, mr = row_ptrs(lse, bi, h, tq, T, H)
         ls = tl.load(pr, mask=mr, other=0.0)
-        dl = tl.load(_row_ptrs(delta, bi, h, tq, T, H)[0], mask=mr, other=0.0)
+        dl = tl.load(row_ptrs(delta, bi, h, tq, T, H)[0], mask=mr, other=0.0)
         s_t = tl.dot(kt, tl.trans(qt), input_precision=PREC) * scale
         p_t = tl.exp(tl.where(win, s_t, float("-inf")) - ls[None, :])
         dvt = tl.dot(p_t.to(dot_.dtype), dot_, acc=dvt, input_precision=PREC)
         ds_t = p_t * (tl.dot(vt, tl.trans(dot_), input_precision=PREC) - dl[None, :])
         dkt = tl.dot(ds_t.to(qt.dtype), qt, acc=dkt, input_precision=PREC)
-    _store(dk, dkt * scale, bi, hv, tk, x, T, HKV, DK)
-    _store(dv, dvt, bi, hv, tk, d, T, HKV, D)
+    store(dk, dkt * scale, bi, hv, tk, x, T, HKV, DK)
+    store(dv, dvt, bi, hv, tk, d, T, HKV, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,15 +202,15 @@ class _SWA(torch.autograd.Function):
         n = triton.cdiv(t, c)
         has_sinks = sink_k is not None
         nsink = sink_k.shape[1] if has_sinks else 0
-        bk, bd, bs = _p2(dk), _p2(d), _p2(nsink)
-        prec = _prec(v.dtype)
+        bk, bd, bs = p2(dk), p2(d), p2(nsink)
+        prec = dot_precision(v.dtype)
         o = torch.empty(b, t, h, d, device=q.device, dtype=v.dtype)
         lse = torch.empty(b, t, h, device=q.device, dtype=torch.float32)
         sinks = (sink_k, sink_v, sink_pos, sink_ok) if has_sinks else (q, q, q, q)
         _fwd[(n, b * h)](
             q, k, v, *sinks, valid if valid is not None else q, o, lse, t, window, p, nsink, scale, DEN_EPS,
             H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, BS=bs, HAS_VALID=valid is not None, HAS_SINKS=has_sinks,
-            PREC=prec, **_launch_opts(c * max(bk, bd)))
+            PREC=prec, **launch_opts(TUNE, c * max(bk, bd)))
         ctx.save_for_backward(q, k, v, sink_k, sink_v, sink_pos, sink_ok, valid, o, lse)
         ctx.cfg = (window, scale, c, p)
         return o
@@ -275,8 +224,8 @@ class _SWA(torch.autograd.Function):
         n = triton.cdiv(t, c)
         has_sinks = sink_k is not None
         nsink = sink_k.shape[1] if has_sinks else 0
-        bk, bd, bs = _p2(dk), _p2(d), _p2(nsink)
-        prec = _prec(v.dtype)
+        bk, bd, bs = p2(dk), p2(d), p2(nsink)
+        prec = dot_precision(v.dtype)
         do = do.contiguous()
         vmask = valid if valid is not None else q
         sink_grad = has_sinks and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
@@ -288,20 +237,14 @@ class _SWA(torch.autograd.Function):
         common = dict(H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, HAS_VALID=valid is not None, PREC=prec)
         _bwd_dq[(n, b * h)](
             q, k, v, *sinks, vmask, o, do, lse, delta, dq, dsk, dsv, t, window, p, nsink, scale, BS=bs,
-            HAS_SINKS=has_sinks, SINK_GRAD=sink_grad, **common, **_launch_opts(c * max(bk, bd)))
+            HAS_SINKS=has_sinks, SINK_GRAD=sink_grad, **common, **launch_opts(TUNE, c * max(bk, bd)))
         dk_ = torch.empty_like(k)
         dv_ = torch.empty_like(v)
         _bwd_dkv[(n, b * hkv)](q, k, v, vmask, do, lse, delta, dk_, dv_, t, window, p, scale, **common,
-                               **_launch_opts(c * max(bk, bd)))
+                               **launch_opts(TUNE, c * max(bk, bd)))
         dsk_out = dsk.to(sink_k.dtype) if sink_grad else None
         dsv_out = dsv.to(sink_v.dtype) if sink_grad else None
         return dq, dk_, dv_, dsk_out, dsv_out, None, None, None, None, None, None
-
-
-def _check_size(*xs):
-    for x in xs:
-        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
-            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
 
 
 def chunk_swa(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64, cu_seqlens=None):
@@ -323,7 +266,7 @@ def chunk_swa(q, k, v, window, scale, valid=None, sinks=None, chunk_size=64, cu_
     dt = v.dtype
     q, k = q.to(dt).contiguous(), k.to(dt).contiguous()
     v = v.contiguous()
-    _check_size(q, k, v)
+    check_size(q, k, v)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     vmask = None if valid is None else valid.to(torch.uint8).contiguous()
     sk = sv = spos = sok = None

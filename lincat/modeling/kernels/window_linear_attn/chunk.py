@@ -25,6 +25,9 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
+from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, row_ptrs, segment_chunks, store
+# the linear state's pieces are the Hedgehog op's: its pre-passes take P > 0 and END = T - W here
+from ..linear_attn.chunk import _kv_chunk, _q_chunk, _segment_states_bwd, _segment_states_fwd, _state_ptrs
 
 # Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: from a cost model); programs: SM count that
 # model assumes (None: the device's); fwd_bd: value block of the forward; bwd_block: feature / value block of
@@ -34,100 +37,8 @@ TUNE = {
 }
 
 
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _prec(dtype) -> str:
-    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _sm_count(device) -> int:
-    if TUNE["programs"]:
-        return TUNE["programs"]
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _segment_chunks(n_chunks: int, parallel: int, device) -> int:
-    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
-    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
-    it; each extra segment costs a pre-pass over its keys."""
-    if TUNE["seg_chunks"]:
-        return TUNE["seg_chunks"]
-    sms = _sm_count(device)
-    best, best_ns = None, 1
-    for ns in range(1, min(n_chunks, 64) + 1):
-        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
-        if best is None or cost < best:
-            best, best_ns = cost, ns
-    return triton.cdiv(n_chunks, best_ns)
-
-
-def _warps(elems: int) -> int:
-    return TUNE["num_warps"] or (8 if elems >= 128 * 64 else 4)
-
-
-def _launch_opts(elems: int, stages: int = 1) -> dict:
-    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline, and more stages
-    only spill registers; the segment pre-passes stream a plain loop and get 3."""
-    return {"num_warps": _warps(elems), "num_stages": TUNE["num_stages"] or stages}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton helpers
-
-
-@triton.jit
-def _ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
-    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
-    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
-    element). The host checks that T * NH * X fits in 32 bits."""
-    row0 = base + (b.to(tl.int64) * T * NH + h) * X
-    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
-    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
-
-
-@triton.jit
-def _load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
-    ptr, mask = _ptrs(base, b, h, t, x, T, T, NH, X)
-    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_ptrs(base, b, h, t, T, NH: tl.constexpr):
-    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
-    return base + (b.to(tl.int64) * T * NH + h) + t * NH, (t < T) & (t >= 0)
-
-
-@triton.jit
-def _keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
-    """Keys that exist (t < lim) and are not padding."""
-    ok = (t < lim) & (t >= 0)
-    if HAS_VALID:
-        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
-    return ok
-
-
-@triton.jit
-def _state_ptrs(hs, hz, b, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-                TRANS: tl.constexpr = False):
-    """States are [B, HK, NSLOT, F, D] / [B, HK, NSLOT, F] fp32 (NSLOT: one per segment start, +1 for the end).
-    TRANS: the [D, F] view, for passes that multiply by S^T (loaded transposed rather than transposed in registers)."""
-    base = ((b * HK + hk) * NSLOT + slot).to(tl.int64)
-    if TRANS:
-        ps, ms = hs + base * F * D + f[None, :] * D + d[:, None], (f[None, :] < F) & (d[:, None] < D)
-    else:
-        ps, ms = hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
-    return ps, ms, hz + base * F + f, f < F
 
 
 # Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
@@ -135,97 +46,8 @@ def _state_ptrs(hs, hz, b, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.conste
 # and the passes that multiply by S^T carry S^T. Transposing loaded tiles is fine.
 
 
-@triton.jit
-def _kv_chunk(kf, v, valid, b, hk, hv, t, lim, T, f, d, PREC: tl.constexpr, HAS_VALID: tl.constexpr,
-              HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
-    """One chunk's share of the linear state: kf^T v (v^T kf with TRANS) and sum kf over its non-padding keys below
-    lim."""
-    ok = _keys_ok(valid, b, t, lim, T, HAS_VALID)
-    kt = _load(kf, b, hk, t, f, T, HK, F)
-    kt = tl.where(ok[:, None], kt, 0.0)
-    vt = _load(v, b, hv, t, d, T, HV, D)
-    if TRANS:
-        kv = tl.dot(tl.trans(vt), kt, input_precision=PREC)
-    else:
-        kv = tl.dot(tl.trans(kt), vt, input_precision=PREC)
-    return kv, tl.sum(kt.to(tl.float32), 0)
-
-
-@triton.jit
-def _q_chunk(qf, do, den, delta, b, h, t, T, f, d, eps, PREC: tl.constexpr,
-             H: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
-    """One query chunk's share of the reverse state: qf^T dnum (dnum^T qf with TRANS) and sum qf dden
-    (dnum = do / den, dden = -do.o / den)."""
-    qt = _load(qf, b, h, t, f, T, H, F)
-    dot_ = _load(do, b, h, t, d, T, H, D).to(tl.float32)
-    pr, mr = _row_ptrs(den, b, h, t, T, H)
-    dn = tl.load(pr, mask=mr, other=1.0)
-    dl = tl.load(_row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0)
-    rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-    dden = -dl * rden
-    dnum = (dot_ * rden[:, None]).to(qt.dtype)
-    if TRANS:
-        qs = tl.dot(tl.trans(dnum), qt, input_precision=PREC)
-    else:
-        qs = tl.dot(tl.trans(qt), dnum, input_precision=PREC)
-    return qs, tl.sum(qt.to(tl.float32) * dden[:, None], 0)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Segment pre-passes: outer-product sums over token ranges, turned into per-segment start states by a cumsum.
-
-
-@triton.jit
-def _seg_kv(kf, v, valid, hs, hz, T, SEG, P, END, NS,
-            HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Keys [cut_s, cut_{s+1}) with cut_s = (s SEG - P) C: segment s's forward pass wants all keys before its first
-    band, and the last cut is END (= T - W: the final state leaves out the last W tokens)."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = i_bh // HK, i_bh % HK
-    hv = hk // (HK // HV)
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
-    c = tl.arange(0, C)
-    lo = tl.maximum((i_s * SEG - P) * C, 0)
-    hi = tl.where(i_s == NS - 1, END, tl.minimum(tl.maximum(((i_s + 1) * SEG - P) * C, 0), END))
-    acc = tl.zeros([BF, BD], tl.float32)
-    accz = tl.zeros([BF], tl.float32)
-    for t0 in range(lo, hi, C):
-        kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, t0 + c, hi, T, f, d, PREC, HAS_VALID, HK, HV, F, D)
-        acc += kv
-        accz += ks
-    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, i_s, NS, f, d, HK, F, D)
-    tl.store(ps, acc, mask=ms)
-    tl.store(pz, accz, mask=mz)
-
-
-@triton.jit
-def _seg_q(qf, do, den, delta, hs, hz, T, SEG, P, NS, S_OFF, eps,
-           H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    """Queries [qcut_s, qcut_{s+1}) with qcut_s = (s SEG + P) C (qcut_0 = 0, last = T): segment s's reverse pass wants
-    all queries that see its last key chunk as older than their band."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1) + S_OFF, tl.program_id(2)
-    b, hk = i_bh // HK, i_bh % HK
-    G: tl.constexpr = H // HK
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
-    c = tl.arange(0, C)
-    lo = tl.where(i_s == 0, 0, tl.minimum((i_s * SEG + P) * C, T))
-    hi = tl.where(i_s == NS - 1, T, tl.minimum(((i_s + 1) * SEG + P) * C, T))
-    acc = tl.zeros([BF, BD], tl.float32)
-    accz = tl.zeros([BF], tl.float32)
-    for t0 in range(lo, hi, C):
-        t = t0 + c
-        tm = tl.where(t < hi, t, T)  # rows past hi belong to the next segment: point them past the end
-        for g in range(G):
-            qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + g, tm, T, f, d, eps, PREC, H, F, D)
-            acc += qs
-            accz += zs
-    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, i_s, NS, f, d, HK, F, D)
-    tl.store(ps, acc, mask=ms)
-    tl.store(pz, accz, mask=mz)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,16 +89,16 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z, hts, htz,
         tq = n * C + c
         # softmax terms first, with their running max; one accumulator serves both kinds of term, so the linear
         # terms join it only once the window max is final
-        qt = _load(q, b, h, tq, x, T, H, DK)
+        qt = load(q, b, h, tq, x, T, H, DK)
         m = tl.full([C], -1e30, tl.float32)
         idx = tl.full([C], -1, tl.int32)
         acc = tl.zeros([C, BD], tl.float32)
         dw = tl.zeros([C], tl.float32)
         for p in range(tl.maximum(n - P, 0), n + 1):
             tk = p * C + c
-            ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+            ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
             rel = tk[None, :] - tq[:, None]
-            kt = _load(k, b, hv, tk, x, T, HKV, DK)
+            kt = load(k, b, hv, tk, x, T, HKV, DK)
             s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
             s = tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
             mt = tl.max(s, 1)
@@ -284,29 +106,29 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z, hts, htz,
             mn = tl.maximum(m, mt)
             e = tl.exp(s - mn[:, None])
             alpha = tl.exp(m - mn)
-            vt = _load(v, b, hv, tk, d, T, HKV, D)
+            vt = load(v, b, hv, tk, d, T, HKV, D)
             acc = tl.dot(e.to(vt.dtype), vt, acc=acc * alpha[:, None], input_precision=PREC)
             dw = dw * alpha + tl.sum(e, 1)
             m = mn
-        qft = _load(qf, b, h, tq, f, T, H, F)
+        qft = load(qf, b, h, tq, f, T, H, F)
         acc = tl.dot(qft, S.to(qft.dtype), acc=acc * gm, input_precision=PREC)
         dl = gm * dw + tl.sum(qft.to(tl.float32) * z[None, :], 1)
         for p in range(tl.maximum(n - P, 0), n + 1):
             if n * C + C - 1 - p * C >= W:  # some pairs of this band chunk are older than the window
                 tk = p * C + c
-                ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
-                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
+                kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
                 a = tl.dot(qft, tl.trans(kft), input_precision=PREC)
                 a = tl.where(tk[None, :] - tq[:, None] <= -W, a, 0.0)
-                vt = _load(v, b, hv, tk, d, T, HKV, D)
+                vt = load(v, b, hv, tk, d, T, HKV, D)
                 acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
                 dl += tl.sum(a, 1)
-        _store(o, acc / tl.maximum(dl, eps)[:, None], b, h, tq, d, T, H, D)
+        store(o, acc / tl.maximum(dl, eps)[:, None], b, h, tq, d, T, H, D)
         if i_d == 0:
-            pr, mr = _row_ptrs(den, b, h, tq, T, H)
+            pr, mr = row_ptrs(den, b, h, tq, T, H)
             tl.store(pr, dl, mask=mr)
-            tl.store(_row_ptrs(mx, b, h, tq, T, H)[0], tl.where(m > -1e30, m, 0.0), mask=mr)
-            tl.store(_row_ptrs(amax, b, h, tq, T, H)[0], idx, mask=mr)
+            tl.store(row_ptrs(mx, b, h, tq, T, H)[0], tl.where(m > -1e30, m, 0.0), mask=mr)
+            tl.store(row_ptrs(amax, b, h, tq, T, H)[0], idx, mask=mr)
     if STORE_FINAL:
         # one segment only; the group's first query head stores the state, which covers all tokens but the last W
         if h % (H // HK) == 0:
@@ -342,35 +164,35 @@ def _bwd_win_dq(q, k, v, gamma, valid, o, do, den, mx, amax, dq, delta, rsum, dm
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
     tq = n * C + c
-    dot_ = _load(do, b, h, tq, d, T, H, D)
-    pr, mr = _row_ptrs(den, b, h, tq, T, H)
+    dot_ = load(do, b, h, tq, d, T, H, D)
+    pr, mr = row_ptrs(den, b, h, tq, T, H)
     dn = tl.load(pr, mask=mr, other=1.0)
     rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-    dl = tl.sum(dot_.to(tl.float32) * _load(o, b, h, tq, d, T, H, D).to(tl.float32), 1)
+    dl = tl.sum(dot_.to(tl.float32) * load(o, b, h, tq, d, T, H, D).to(tl.float32), 1)
     dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
-    m = tl.load(_row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
-    qt = _load(q, b, h, tq, x, T, H, DK)
+    m = tl.load(row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
+    qt = load(q, b, h, tq, x, T, H, DK)
     dqa = tl.zeros([C, BK], tl.float32)
     r = tl.zeros([C], tl.float32)
     for p in range(tl.maximum(n - P, 0), n + 1):
         tk = p * C + c
-        ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+        ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
         rel = tk[None, :] - tq[:, None]
-        kt = _load(k, b, hv, tk, x, T, HKV, DK)
+        kt = load(k, b, hv, tk, x, T, HKV, DK)
         s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
         e = tl.exp(tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf")) - m[:, None])
-        vt = _load(v, b, hv, tk, d, T, HKV, D)
+        vt = load(v, b, hv, tk, d, T, HKV, D)
         ed = e * (tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None])
         r += tl.sum(ed, 1)
         dqa = tl.dot(ed.to(kt.dtype), kt, acc=dqa, input_precision=PREC)
     gm = tl.load(gamma + h)
     dm = -gm * r
-    am = tl.load(_row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
-    dqa = gm * dqa + dm[:, None] * _load(k, b, hv, am, x, T, HKV, DK).to(tl.float32)
-    _store(dq, dqa * scale, b, h, tq, x, T, H, DK)
-    tl.store(_row_ptrs(delta, b, h, tq, T, H)[0], dl, mask=mr)
-    tl.store(_row_ptrs(rsum, b, h, tq, T, H)[0], r, mask=mr)
-    tl.store(_row_ptrs(dmx, b, h, tq, T, H)[0], dm, mask=mr)
+    am = tl.load(row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
+    dqa = gm * dqa + dm[:, None] * load(k, b, hv, am, x, T, HKV, DK).to(tl.float32)
+    store(dq, dqa * scale, b, h, tq, x, T, H, DK)
+    tl.store(row_ptrs(delta, b, h, tq, T, H)[0], dl, mask=mr)
+    tl.store(row_ptrs(rsum, b, h, tq, T, H)[0], r, mask=mr)
+    tl.store(row_ptrs(dmx, b, h, tq, T, H)[0], dm, mask=mr)
 
 
 @triton.jit
@@ -386,9 +208,9 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
     tk = kc * C + c
-    ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
-    kt = _load(k, b, hv, tk, x, T, HKV, DK)
-    vt = _load(v, b, hv, tk, d, T, HKV, D)
+    ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
+    kt = load(k, b, hv, tk, x, T, HKV, DK)
+    vt = load(v, b, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
     # one flat loop over (query chunk, query head): nested loops carrying the accumulators spill registers
@@ -399,16 +221,16 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
         tq = qn * C + c
         rel = tk[:, None] - tq[None, :]
         win = (rel <= 0) & (rel > -W) & ok[:, None]
-        pr, mr = _row_ptrs(den, b, h, tq, T, H)
+        pr, mr = row_ptrs(den, b, h, tq, T, H)
         dn = tl.load(pr, mask=mr, other=1.0)
         rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-        dl = tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0)
-        m = tl.load(_row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
-        dm = tl.load(_row_ptrs(dmx, b, h, tq, T, H)[0], mask=mr, other=0.0)
-        am = tl.load(_row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
+        dl = tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0)
+        m = tl.load(row_ptrs(mx, b, h, tq, T, H)[0], mask=mr, other=0.0)
+        dm = tl.load(row_ptrs(dmx, b, h, tq, T, H)[0], mask=mr, other=0.0)
+        am = tl.load(row_ptrs(amax, b, h, tq, T, H)[0], mask=mr, other=-1)
         gm = tl.load(gamma + h)
-        qt = _load(q, b, h, tq, x, T, H, DK)
-        dot_ = _load(do, b, h, tq, d, T, H, D)
+        qt = load(q, b, h, tq, x, T, H, DK)
+        dot_ = load(do, b, h, tq, d, T, H, D)
         dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
         s_t = tl.dot(kt, tl.trans(qt), input_precision=PREC) * scale
         a_t = gm * tl.exp(tl.where(win, s_t, float("-inf")) - m[None, :])
@@ -416,8 +238,8 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
         ds_t = a_t * (tl.dot(vt, tl.trans(dnum), input_precision=PREC) - (dl * rden)[None, :])
         ds_t += tl.where(am[None, :] == tk[:, None], dm[None, :], 0.0)
         dkt = tl.dot(ds_t.to(qt.dtype), qt, acc=dkt, input_precision=PREC)
-    _store(dk, dkt * scale, b, hv, tk, x, T, HKV, DK)
-    _store(dvw, dvt, b, hv, tk, d, T, HKV, D)
+    store(dk, dkt * scale, b, hv, tk, x, T, HKV, DK)
+    store(dvw, dvt, b, hv, tk, d, T, HKV, D)
 
 
 @triton.jit
@@ -449,23 +271,23 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, h0s, h0z, T, W, P, SEG, NSLOT, ep
             ST += kv
             z += ks
         tq = n * C + c
-        dot_ = _load(do, b, h, tq, d, T, H, D)
-        pr, mr = _row_ptrs(den, b, h, tq, T, H)
+        dot_ = load(do, b, h, tq, d, T, H, D)
+        pr, mr = row_ptrs(den, b, h, tq, T, H)
         dn = tl.load(pr, mask=mr, other=1.0)
         rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-        dden = -tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
+        dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
         dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
         dqt = tl.dot(dnum, ST.to(dnum.dtype), input_precision=PREC) + dden[:, None] * z[None, :]
         for p in range(tl.maximum(n - P, 0), n + 1):
             if n * C + C - 1 - p * C >= W:
                 tk = p * C + c
-                ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
-                vt = _load(v, b, hv, tk, d, T, HKV, D)
+                ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
+                vt = load(v, b, hv, tk, d, T, HKV, D)
                 da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
                 da = tl.where(tk[None, :] - tq[:, None] <= -W, da, 0.0)
-                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
                 dqt = tl.dot(da.to(kft.dtype), kft, acc=dqt, input_precision=PREC)
-        _store(dqf, dqt, b, h, tq, f, T, H, F)
+        store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
 @triton.jit
@@ -515,38 +337,38 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, d0s, d0z,
             dS += qs
             dz += zs
         tk = kc * C + c
-        ok = _keys_ok(valid, b, tk, T, T, HAS_VALID)
+        ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
         acc = tl.where(j > 0, acc, 0.0)
         if (qn < n_chunks) & (qn * C + C - 1 - kc * C >= W):  # some pairs are older than the window
             tq = qn * C + c
             older_t = tk[:, None] - tq[None, :] <= -W
-            qft = _load(qf, b, h, tq, f, T, H, F)
-            dot_ = _load(do, b, h, tq, d, T, H, D)
-            pr, mr = _row_ptrs(den, b, h, tq, T, H)
+            qft = load(qf, b, h, tq, f, T, H, F)
+            dot_ = load(do, b, h, tq, d, T, H, D)
+            pr, mr = row_ptrs(den, b, h, tq, T, H)
             dn = tl.load(pr, mask=mr, other=1.0)
             rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
             dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
             if DO_DKF:
-                vt = _load(v, b, hv, tk, d, T, HKV, D)
-                dden = -tl.load(_row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
+                vt = load(v, b, hv, tk, d, T, HKV, D)
+                dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
                 da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
                 da_t = tl.where(older_t, da_t, 0.0).to(qft.dtype)
                 acc = tl.dot(da_t, qft, acc=acc, input_precision=PREC)
             else:
-                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
                 a_t = tl.where(older_t, tl.dot(kft, tl.trans(qft), input_precision=PREC), 0.0)
                 acc = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc, input_precision=PREC)
         if j == inner - 1:
             if DO_DKF:
-                vt = _load(v, b, hv, tk, d, T, HKV, D)
+                vt = load(v, b, hv, tk, d, T, HKV, D)
                 acc = tl.dot(vt, dS.to(vt.dtype), acc=acc, input_precision=PREC) + dz[None, :]
-                _store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, tk, f, T, HK, F)
+                store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, tk, f, T, HK, F)
             else:
-                kft = tl.where(ok[:, None], _load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
                 acc = tl.dot(kft, dS.to(kft.dtype), acc=acc, input_precision=PREC)
                 if ADD_DVW:
-                    acc += _load(dvw, b, hv, tk, d, T, HKV, D)
-                _store(dv, acc, b, hk, tk, d, T, HK, D)
+                    acc += load(dvw, b, hv, tk, d, T, HKV, D)
+                store(dv, acc, b, hk, tk, d, T, HK, D)
     if STORE_D0:
         # one segment only: the initial state's gradient sums over every query, the band ones too
         for it in range(0, tl.minimum(P + 1, n_chunks) * G):
@@ -567,12 +389,6 @@ def _band(window: int, c: int) -> int:
     return math.ceil((window - 1) / c) if window > 1 else 0
 
 
-def _check_size(*xs):
-    for x in xs:
-        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
-            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
-
-
 class _WindowLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qf, kf, gamma, valid, s0, z0, window, scale, output_final_state, chunk):
@@ -580,12 +396,12 @@ class _WindowLinearAttn(torch.autograd.Function):
         hkv, hk, f, d = k.shape[2], kf.shape[2], kf.shape[-1], v.shape[-1]
         c, p = chunk, _band(window, chunk)
         n = triton.cdiv(t, c)
-        bk, bf, bd_all = _p2(dk), _p2(f), _p2(d)
+        bk, bf, bd_all = p2(dk), p2(f), p2(d)
         bd = TUNE["fwd_bd"] or min(bd_all, 64)  # a 128-wide value block spills registers
         nbd = triton.cdiv(d, bd)
-        seg = _segment_chunks(n, b * h * nbd, q.device)
+        seg = segment_chunks(TUNE, n, b * h * nbd, q.device)
         ns = triton.cdiv(n, seg)
-        prec = _prec(v.dtype)
+        prec = dot_precision(v.dtype)
         dev = q.device
         f32 = dict(device=dev, dtype=torch.float32)
         vmask = valid if valid is not None else q
@@ -597,7 +413,7 @@ class _WindowLinearAttn(torch.autograd.Function):
         h0s = h0z = None
         if ns > 1:  # start state of each segment; slot ns is the final state
             h0s, h0z = _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, max(t - window, 0), ns, c, prec,
-                                           output_final_state)
+                                           output_final_state, tune=TUNE)
         elif s0 is not None:
             h0s, h0z = s0.float().contiguous(), z0.float().contiguous()
         nslot = h0s.shape[2] if ns > 1 else 1
@@ -610,7 +426,7 @@ class _WindowLinearAttn(torch.autograd.Function):
             t, window, p, seg, nslot, scale, DEN_EPS,
             H=h, HKV=hkv, HK=hk, DK=dk, F=f, D=d, C=c, BK=bk, BF=bf, BD=bd,
             HAS_VALID=valid is not None, HAS_H0=h0s is not None, STORE_FINAL=store_final, PREC=prec,
-            **_launch_opts(bf * bd),
+            **launch_opts(TUNE, bf * bd),
         )
         ctx.save_for_backward(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, h0s, h0z)
         ctx.cfg = (window, scale, c, p, seg, ns, nslot, s0 is not None, None if s0 is None else s0.dtype)
@@ -628,8 +444,8 @@ class _WindowLinearAttn(torch.autograd.Function):
         b, t, h, dk = q.shape
         hkv, hk, f, d = k.shape[2], kf.shape[2], kf.shape[-1], v.shape[-1]
         n = triton.cdiv(t, c)
-        bk, bf, bd = _p2(dk), _p2(f), _p2(d)
-        prec = _prec(v.dtype)
+        bk, bf, bd = p2(dk), p2(f), p2(d)
+        prec = dot_precision(v.dtype)
         f32 = dict(device=q.device, dtype=torch.float32)
         do = torch.zeros_like(o) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else q
@@ -642,11 +458,11 @@ class _WindowLinearAttn(torch.autograd.Function):
         rsum = torch.empty(b, t, h, **f32)
         dmx = torch.empty(b, t, h, **f32)
         _bwd_win_dq[(n, b * h)](q, k, v, gamma, vmask, o, do, den, mx, amax, dq, delta, rsum, dmx,
-                                t, window, p, scale, DEN_EPS, **win, **_launch_opts(c * max(bk, bd)))
+                                t, window, p, scale, DEN_EPS, **win, **launch_opts(TUNE, c * max(bk, bd)))
         dk_ = torch.empty_like(k)
         dvw = torch.empty(b, t, hkv, d, **f32)
         _bwd_win_dkv[(n, b * hkv)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw,
-                                   t, window, p, scale, DEN_EPS, **win, **_launch_opts(c * max(bk, bd)))
+                                   t, window, p, scale, DEN_EPS, **win, **launch_opts(TUNE, c * max(bk, bd)))
 
         # linear part, forward in time
         dqf = torch.empty_like(qf)
@@ -654,13 +470,14 @@ class _WindowLinearAttn(torch.autograd.Function):
         _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
             v, kf, vmask, do, den, delta, dqf, h0s if h0s is not None else den, h0z if h0z is not None else den,
             t, window, p, seg, nslot, DEN_EPS, BF=bf_q, BD=bd, HAS_H0=h0s is not None, **lin,
-            **_launch_opts(bf_q * bd))
+            **launch_opts(TUNE, bf_q * bd))
 
         # linear part, backward in time, from the reverse state of the queries after each segment
         need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         dhs = dhz = tot_s = tot_z = None
         if ns > 1:
-            dhs, dhz, tot_s, tot_z = _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_d0)
+            dhs, dhz, tot_s, tot_z = _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_d0,
+                                                         tune=TUNE)
         store_d0 = need_d0 and ns == 1
         d0s = torch.empty(b, hk, f, d, **f32) if store_d0 else den
         d0z = torch.empty(b, hk, f, **f32) if store_d0 else den
@@ -672,9 +489,9 @@ class _WindowLinearAttn(torch.autograd.Function):
         flags = dict(ADD_DVW=add_dvw, HAS_DH=dhs is not None, **lin)
         bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
         _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
-            *args, BF=bf_k, BD=bd, DO_DKF=True, STORE_D0=store_d0, **flags, **_launch_opts(bf_k * bd))
+            *args, BF=bf_k, BD=bd, DO_DKF=True, STORE_D0=store_d0, **flags, **launch_opts(TUNE, bf_k * bd))
         _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
-            *args, BF=bf, BD=bd_v, DO_DKF=False, STORE_D0=False, **flags, **_launch_opts(bf * bd_v))
+            *args, BF=bf, BD=bd_v, DO_DKF=False, STORE_D0=False, **flags, **launch_opts(TUNE, bf * bd_v))
         if not add_dvw:
             dv_ = (dvw + dv_.view(b, t, hkv, hk // hkv, d).sum(3)).to(v.dtype)
 
@@ -688,53 +505,6 @@ class _WindowLinearAttn(torch.autograd.Function):
         ds0 = ds0.to(s0_dtype) if need_d0 else None
         dz0 = dz0.to(s0_dtype) if need_d0 else None
         return dq, dk_, dv_, dqf, dkf, dgamma, None, ds0, dz0, None, None, None, None
-
-
-def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec, need_final):
-    """States entering each segment (slot s): s0 plus a cumsum of the segments' own sums; slot ns, the final state,
-    only when asked for (the last segment's sum is not needed otherwise)."""
-    b, _, hk, f = kf.shape
-    hv, d = v.shape[2], v.shape[3]
-    bf, bd = _p2(f), _p2(d)
-    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
-    nloc = ns if need_final else ns - 1
-    loc_s = torch.empty(b, hk, ns, f, d, device=kf.device, dtype=torch.float32)
-    loc_z = torch.empty(b, hk, ns, f, device=kf.device, dtype=torch.float32)
-    _seg_kv[(triton.cdiv(f, bf_s), nloc, b * hk)](
-        kf, v, valid if valid is not None else kf, loc_s, loc_z, t, seg, p, end, ns,
-        HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s, BD=bd, HAS_VALID=valid is not None, PREC=prec,
-        **_launch_opts(bf_s * bd, 3))
-    hs = torch.zeros(b, hk, nloc + 1, f, d, device=kf.device, dtype=torch.float32)
-    hz = torch.zeros(b, hk, nloc + 1, f, device=kf.device, dtype=torch.float32)
-    torch.cumsum(loc_s[:, :, :nloc], 2, out=hs[:, :, 1:])
-    torch.cumsum(loc_z[:, :, :nloc], 2, out=hz[:, :, 1:])
-    if s0 is not None:
-        hs += s0.float()[:, :, None]
-        hz += z0.float()[:, :, None]
-    return hs, hz
-
-
-def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_total):
-    """Reverse start states: slot s holds the sum of qf dnum^T (and qf dden) over the queries that see all of
-    segment s as older than their band, i.e. over the query ranges of the segments after s. With need_total, also
-    the sum over all queries (the initial state's gradient), which needs the first segment's range too."""
-    b, _, h, f = qf.shape
-    d = do.shape[-1]
-    bf, bd = _p2(f), _p2(d)
-    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
-    first = 0 if need_total else 1
-    loc_s = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
-    loc_z = torch.zeros(b, hk, ns, f, device=qf.device, dtype=torch.float32)
-    _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
-        qf, do, den, delta, loc_s, loc_z, t, seg, p, ns, first, DEN_EPS,
-        H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd, PREC=prec, **_launch_opts(bf_s * bd, 3))
-    after_s = loc_s.flip(2).cumsum(2).flip(2)  # slot s: segments >= s
-    after_z = loc_z.flip(2).cumsum(2).flip(2)
-    hs = torch.zeros_like(loc_s)
-    hz = torch.zeros_like(loc_z)
-    hs[:, :, :-1] = after_s[:, :, 1:]
-    hz[:, :, :-1] = after_z[:, :, 1:]
-    return hs, hz, after_s[:, :, 0], after_z[:, :, 0]
 
 
 def _final_state_grad(kf, v, valid, dst, dzt, window, dkf, dv, ds0, dz0, need_d0):
@@ -783,7 +553,7 @@ def chunk_window_linear_attn(
     dt = v.dtype
     q, k, qf, kf = (x.to(dt).contiguous() for x in (q, k, qf, kf))
     v = v.contiguous()
-    _check_size(q, k, v, qf, kf)
+    check_size(q, k, v, qf, kf)
     c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     s0 = z0 = None
     if initial_state is not None:

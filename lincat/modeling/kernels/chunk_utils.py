@@ -1,0 +1,96 @@
+"""Pieces shared by the Triton chunk kernels (kernels/<op>/chunk.py): launch heuristics and tile pointers.
+
+Every op keeps its own TUNE dict of knobs for tests and benchmarks; the host helpers here take it as their first
+argument.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
+    raise
+
+
+def p2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def dot_precision(dtype) -> str:
+    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores either way
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def sm_count(tune: dict, device) -> int:
+    if tune.get("programs"):
+        return tune["programs"]
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def segment_chunks(tune: dict, n_chunks: int, parallel: int, device) -> int:
+    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
+    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
+    it; each extra segment costs a pre-pass over its keys."""
+    if tune.get("seg_chunks"):
+        return tune["seg_chunks"]
+    sms = sm_count(tune, device)
+    best, best_ns = None, 1
+    for ns in range(1, min(n_chunks, 64) + 1):
+        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
+        if best is None or cost < best:
+            best, best_ns = cost, ns
+    return triton.cdiv(n_chunks, best_ns)
+
+
+def launch_opts(tune: dict, elems: int, stages: int = 1) -> dict:
+    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline (and the band
+    loops are too short to), so more stages only spill registers; the segment pre-passes stream a plain loop and
+    get 3."""
+    warps = tune["num_warps"] or (8 if elems >= 128 * 64 else 4)
+    return {"num_warps": warps, "num_stages": tune["num_stages"] or stages}
+
+
+def check_size(*xs):
+    for x in xs:
+        if x is not None and x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
+            raise ValueError("T * heads * head_dim must stay below 2^31 (32-bit in-tile offsets)")
+
+
+@triton.jit
+def ptrs(base, b, h, t, x, T, lim, NH: tl.constexpr, X: tl.constexpr):
+    """Pointers to rows t / columns x of head h in a contiguous [B, T, NH, X] tensor; rows at or past lim are masked.
+    The (batch, head) offset is one 64-bit scalar; in-tile offsets stay 32-bit (64-bit tiles cost two registers per
+    element). check_size makes sure T * NH * X fits in 32 bits."""
+    row0 = base + (b.to(tl.int64) * T * NH + h) * X
+    ptr = row0 + t[:, None] * (NH * X) + x[None, :]
+    return ptr, (t[:, None] < lim) & (t[:, None] >= 0) & (x[None, :] < X)
+
+
+@triton.jit
+def load(base, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
+    ptr, mask = ptrs(base, b, h, t, x, T, T, NH, X)
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def store(base, val, b, h, t, x, T, NH: tl.constexpr, X: tl.constexpr):
+    ptr, mask = ptrs(base, b, h, t, x, T, T, NH, X)
+    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_ptrs(base, b, h, t, T, NH: tl.constexpr):
+    """Per-token scalars ([B, T, NH] tensors: den, max, ...)."""
+    return base + (b.to(tl.int64) * T * NH + h) + t * NH, (t < T) & (t >= 0)
+
+
+@triton.jit
+def keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
+    """Keys that exist (t < lim) and are not padding."""
+    ok = (t < lim) & (t >= 0)
+    if HAS_VALID:
+        ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
+    return ok

@@ -8,6 +8,7 @@ in-process. Prints a markdown table and writes JSON.
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +35,8 @@ def main():
     results = {}
     for name, path in [("teacher", args.base)] + [(f"{Path(r).parent.name}/{Path(r).name}", r) for r in args.runs]:
         if name != "teacher":
-            run = Path(path)
+            run = work / "runs" / name.replace("/", "_")  # a copy: the base model's path is rewritten for here
+            shutil.copytree(path, run)
             info = json.loads((run / "lincat_run.json").read_text())
             info["base_model"] = str(Path(args.base).resolve())
             (run / "lincat_run.json").write_text(json.dumps(info, indent=1))

@@ -2,11 +2,11 @@
 
     python bench/kernels.py            # full run: B*T = 32768, H = 32, D = F = 128, T in {2K, 8K, 32K}, bf16
     python bench/kernels.py --quick    # smoke run: B*T = 8192, T in {2K, 8K}
-    python bench/kernels.py --variants # also time the kernels' knobs (value block, pipeline stages, warps) at T = 8K
+    python bench/kernels.py --variants # also time the kernels' knobs (chunk, blocks, warps, segments) at T = 8K
 
 1. Correctness: each lincat op in bf16 against its chunked PyTorch form in fp32 (inputs upcast), forward outputs,
-   final states and gradients, as ||out - ref|| / ||ref||; with GQA and right padding. fla's ops get the same check
-   where their semantics match (chunk_gla with scale 1, chunk_linear_attn normalized).
+   final states and gradients, as ||out - ref|| / ||ref||; with GQA, right padding and an initial state. fla's ops get
+   the same check where their semantics match (chunk_gla with scale 1, chunk_linear_attn normalized).
 2. Timing: triton.testing.do_bench medians of forward and forward+backward, and the bandwidth that the minimal traffic
    (each input read once, each output written once) implies, against ~3.0 TB/s.
 3. Writes bench/results/kernels.md (and prints it). One failing op is reported and the run goes on.
@@ -80,7 +80,7 @@ def feats(*shape):
     return torch.randn(*shape, device=DEV).softmax(-1)
 
 
-def make_inputs(op, b, t, h, hkv, hk, d, f, dtype, padded=False):
+def make_inputs(op, b, t, h, hkv, hk, d, f, dtype, padded=False, init=False):
     r = lambda *s: torch.randn(*s, device=DEV)  # noqa: E731
     x = {}
     if op == "linear_attn":
@@ -93,7 +93,11 @@ def make_inputs(op, b, t, h, hkv, hk, d, f, dtype, padded=False):
         x = dict(qf=feats(b, t, h, f), kf=k.softmax(-1), v=r(b, t, hkv, d), g=F.logsigmoid(k) / 16)
     elif op == "swa":
         x = dict(q=r(b, t, h, d), k=r(b, t, hkv, d), v=r(b, t, hkv, d))
-    x = {n: (v.to(dtype) if n not in ("gamma", "g") else v) for n, v in x.items()}
+    if init and op in ("linear_attn", "window_linear_attn"):  # an fp32 initial state, as prefill after a cache
+        x.update(s0=r(b, hk, f, d) * 0.1, z0=torch.rand(b, hk, f, device=DEV) + 0.5)
+    elif init and op == "gla":
+        x.update(s0=r(b, hk, f, d) * 0.1)
+    x = {n: (v.to(dtype) if n not in ("gamma", "g", "s0", "z0") else v) for n, v in x.items()}
     valid = None
     if padded:  # right padding: every query still sees a key, so the fp32 references stay well conditioned
         valid = torch.ones(b, t, dtype=torch.bool, device=DEV)
@@ -106,17 +110,20 @@ def call(op, impl, x, valid, final=False):
     scale = x["q"].shape[-1] ** -0.5 if "q" in x else None
     if op == "linear_attn":
         fn = la_k.chunk_linear_attn if impl == "lincat" else chunk_linear_attn_torch
-        o, st = fn(x["qf"], x["kf"], x["v"], valid, None, final, 64)
+        init = (x["s0"], x["z0"]) if "s0" in x else None
+        o, st = fn(x["qf"], x["kf"], x["v"], valid, init, final, None if impl == "lincat" else 64)
         return (o,) + (tuple(st) if final else ())
     if op == "window_linear_attn":
         fn = win_k.chunk_window_linear_attn if impl == "lincat" else chunk_window_linear_attn_torch
-        o, st = fn(x["q"], x["k"], x["v"], x["qf"], x["kf"], x["gamma"], WINDOW, scale, valid, None, final, 64)
+        init = (x["s0"], x["z0"]) if "s0" in x else None
+        o, st = fn(x["q"], x["k"], x["v"], x["qf"], x["kf"], x["gamma"], WINDOW, scale, valid, init, final,
+                   None if impl == "lincat" else 64)  # the kernels' own chunk
         return (o,) + (tuple(st) if final else ())
     if op == "gla":
         if impl == "lincat":
-            o, st = gla_k.chunk_gla(x["qf"], x["kf"], x["v"], x["g"], valid, None, final)
+            o, st = gla_k.chunk_gla(x["qf"], x["kf"], x["v"], x["g"], valid, x.get("s0"), final)
         elif impl == "torch":
-            o, st = chunk_gla_torch(x["qf"], x["kf"], x["v"], x["g"], valid, None, final)
+            o, st = chunk_gla_torch(x["qf"], x["kf"], x["v"], x["g"], valid, x.get("s0"), final)
         else:
             o, st = fla_chunk_gla(x["qf"], x["kf"], x["v"], x["g"], scale=1.0, output_final_state=final)
         return (o,) + ((st,) if final else ())
@@ -140,11 +147,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check(op, b, t, h, hkv, hk, d, f, padded, rows, impl="lincat"):
+def check(op, b, t, h, hkv, hk, d, f, padded, rows, impl="lincat", init=False):
     """One implementation (bf16) against the chunked PyTorch form in fp32. Run after poison(): an output element that
-    no kernel writes is NaN and fails the finiteness check."""
+    no kernel writes is NaN and fails the finiteness check. init: with an fp32 initial state (and its gradient)."""
     torch.manual_seed(0)
-    x, valid = make_inputs(op, b, t, h, hkv, hk, d, f, BF16, padded)
+    x, valid = make_inputs(op, b, t, h, hkv, hk, d, f, BF16, padded, init and impl == "lincat" and op != "swa")
     final = op != "swa" and impl == "lincat"
     ours_in = {n: v.detach().clone().requires_grad_() for n, v in x.items()}
     ref_in = {n: v.detach().float().requires_grad_() for n, v in x.items()}
@@ -157,7 +164,7 @@ def check(op, b, t, h, hkv, hk, d, f, padded, rows, impl="lincat"):
     ws = [torch.randn_like(r) for r in ref]
     sum((o.float() * w).sum() for o, w in zip(out[:1], ws)).backward()
     sum((o * w).sum() for o, w in zip(ref[:1], ws)).backward()
-    tag = f"{op} B={b} T={t} H={h} Hkv={hkv} Hk={hk}{' padded' if padded else ''}"
+    tag = f"{op} B={b} T={t} H={h} Hkv={hkv} Hk={hk}{' padded' if padded else ''}{' +state' if 's0' in x else ''}"
     names = ["o"] + (["S", "z"] if op in ("linear_attn", "window_linear_attn") else ["S"] if op == "gla" else [])
     for n, a, r_ in zip(names, out, ref):
         rows.append((tag, impl, n, rel(a, r_), bool(torch.isfinite(a).all())))
@@ -240,13 +247,14 @@ def main():
     say(f"# device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
         f"{triton.__version__}, fla {FLA}")
 
-    # 1. correctness at full head/feature size (the GQA + padding case runs after the timings)
+    # 1. correctness at full head/feature size; then lolcats-style GQA (state per query head, H/4 k/v heads) with
+    # right padding and an initial state
     rows = []
     t_chk = 2048 if args.quick else 8192
 
     def checks(cases, impl="lincat", which=ops):
         for op in which:
-            for b, t, hq, hkv, hk, padded in cases:
+            for b, t, hq, hkv, hk, padded, init in cases:
                 if op == "gla":  # the PyTorch form materializes [C, C, F] decays per chunk: keep it to 4K tokens
                     t, hk = min(t, 4096), hkv
                 if left(args.budget) < (150 if impl == "fla" else 60):
@@ -254,7 +262,7 @@ def main():
                     continue
                 try:
                     poison()
-                    check(op, b, t, hq, hkv, hk, d, f, padded, rows, impl)
+                    check(op, b, t, hq, hkv, hk, d, f, padded, rows, impl, init)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     rows.append((f"{op} T={t}", impl, f"error: {type(e).__name__}: {str(e)[:100]}",
@@ -262,7 +270,8 @@ def main():
                 torch.cuda.empty_cache()
                 say(f"checked {impl} {op} T={t} hkv={hkv} ({time.time() - START:.0f}s)")
 
-    checks([(1, t_chk, h, h, h, False)])
+    checks([(1, t_chk, h, h, h, False, False)])
+    checks([(2, 2048 if args.quick else 4096, h, h // 4, h, True, True)])
 
     # 2. timing: (label, op, impl, kv heads); lincat and SDPA first, fla last (it autotunes on first use)
     names = []
@@ -304,21 +313,18 @@ def main():
     for t in sorted(ts, key=lambda t: t != 8192):  # the issue's reference shape first
         time_rows(t, fla_names, 120)
     if fla_names:
-        checks([(1, t_chk, h, h, h, False)], "fla", [op for op in ("linear_attn", "gla") if op in ops])
+        checks([(1, t_chk, h, h, h, False, False)], "fla", [op for op in ("linear_attn", "gla") if op in ops])
 
-    # 3. lolcats-style GQA (state per query head, H/4 k/v heads) with right padding
-    if not args.quick:
-        checks([(2, 4096, h, h // 4, h, True)])
-
-    # 4. knobs, each against the default (see TUNE in each kernel file)
+    # 3. knobs, each against the default (see TUNE in each kernel file)
     variants = []
     if args.variants:
         t = 8192
         b = total // t
         knobs = {
-            "window_linear_attn": (win_k, [("fwd_bd", 128), ("num_stages", 2), ("num_stages", 3), ("num_warps", 4)]),
-            "linear_attn": (la_k, [("fwd_bd", 64), ("num_stages", 2), ("num_stages", 3)]),
-            "gla": (gla_k, [("fwd_bd", 128), ("num_stages", 2), ("num_stages", 3)]),
+            "window_linear_attn": (win_k, [("chunk", 128), ("fwd_bd", 64), ("num_warps", 8)]),
+            "linear_attn": (la_k, [("chunk", 64), ("o_warps", 4), ("h_block", 128), ("h_stages", 2),
+                                   ("states_fp32", True)]),
+            "gla": (gla_k, [("seg_chunks", 1), ("seg_chunks", 16), ("fwd_bd", 128)]),
         }
         for op, (mod, kn) in knobs.items():
             if op not in ops:

@@ -30,7 +30,7 @@ class AttentionConfig:
     window_factor_init: float = 0.1  # lolcats: initial softmax-window weight gamma
     gate_norm: float = 16.0  # liger: log alpha = logsigmoid(k) / gate_norm
     mix: float = 0.5  # liger: weight of the GLA branch
-    chunk_size: int = 64
+    chunk_size: int = 64  # chunk of the PyTorch chunked forms (the Triton kernels pick their own); same result
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax; negative counts from the end
 
 

@@ -5,8 +5,8 @@ state is involved) in float64, by relative error ||out - ref|| / ||ref||. Tolera
 interpreter multiplies in exact fp32; we see ~1e-7..1e-6), fp16 inputs 5e-3 (we see ~3e-4..1e-3). bf16 is left to the
 GPU checks in bench/kernels.py: the interpreter's bf16 tl.dot is wrong (Triton 3.9), whatever the kernel.
 
-Shapes are small and chunks are 16 tokens so that a few dozen tokens already span several chunks, segments and
-window bands; the interpreter runs every program in Python, so each case costs seconds.
+Shapes are small and chunks are 16 tokens so that a few dozen tokens already span several chunks (stored chunk
+states, gla's segments) and window bands; the interpreter runs every program in Python, so each case costs seconds.
 """
 
 import importlib
@@ -91,12 +91,16 @@ def flat(o, st):
     return (o,) + (() if st is None else tuple(st) if isinstance(st, tuple) else (st,))
 
 
+_DEFAULTS = {m: dict(m.TUNE) for m in (gla_k, la_k, win_k)}
+
+
 @pytest.fixture(autouse=True)
 def _tune():
     """Reset the kernels' knobs after each test."""
     yield
-    for m in (gla_k, la_k, win_k):
-        m.TUNE.update(seg_chunks=None, fwd_bd=None, bwd_block=None)
+    for m, knobs in _DEFAULTS.items():
+        m.TUNE.clear()
+        m.TUNE.update(knobs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,18 +108,17 @@ def _tune():
 
 
 @pytest.mark.parametrize(
-    "t, window, h, hkv, hk, seg, dtype",
+    "t, window, h, hkv, hk, dtype",
     [
-        (37, 8, 2, 1, 2, 1, torch.float32),  # state per query head, GQA k/v; 3 segments of one chunk
-        (37, 8, 4, 2, 2, None, torch.float32),  # state shared by a query-head group
-        (20, 24, 2, 1, 2, None, torch.float32),  # T < window: no linear term at all
-        (21, 1, 2, 1, 2, None, torch.float32),  # window of one token
-        (45, 20, 2, 2, 2, 2, torch.float32),  # window wider than a chunk (band of 2 chunks), 2 segments
-        (37, 8, 2, 1, 2, None, torch.float16),
+        (37, 8, 2, 1, 2, torch.float32),  # state per query head, GQA k/v; 3 chunks
+        (37, 8, 4, 2, 2, torch.float32),  # state shared by a query-head group
+        (20, 24, 2, 1, 2, torch.float32),  # T < window: no linear term at all
+        (21, 1, 2, 1, 2, torch.float32),  # window of one token
+        (45, 20, 2, 2, 2, torch.float32),  # window wider than a chunk (band of 2 chunks)
+        (37, 8, 2, 1, 2, torch.float16),  # fp16 chunk states
     ],
 )
-def test_window_linear_attn(t, window, h, hkv, hk, seg, dtype):
-    win_k.TUNE.update(seg_chunks=seg)
+def test_window_linear_attn(t, window, h, hkv, hk, dtype):
     b, d, f = 2, 16, 16
     q, k, v, qf, kf, gamma = tensors(t, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, h, f), (b, t, hk, f), (h,),
                                      positive=(3, 4, 5))
@@ -166,16 +169,15 @@ def test_window_linear_attn_states():
 
 
 @pytest.mark.parametrize(
-    "t, h, hk, hv, seg, dtype",
+    "t, h, hk, hv, dtype",
     [
-        (37, 2, 2, 1, 1, torch.float32),  # state per query head, v shared by two state heads; 3 segments
-        (37, 4, 2, 2, None, torch.float32),  # state shared by a query-head group
-        (5, 2, 2, 1, None, torch.float32),  # shorter than a chunk
-        (37, 2, 2, 1, None, torch.float16),
+        (37, 2, 2, 1, torch.float32),  # state per query head, v shared by two state heads; 3 chunks
+        (37, 4, 2, 2, torch.float32),  # state shared by a query-head group
+        (5, 2, 2, 1, torch.float32),  # shorter than a chunk
+        (37, 2, 2, 1, torch.float16),  # fp16 chunk states
     ],
 )
-def test_linear_attn(t, h, hk, hv, seg, dtype):
-    la_k.TUNE.update(seg_chunks=seg)
+def test_linear_attn(t, h, hk, hv, dtype):
     b, d, f = 2, 16, 24  # f not a power of two: masked feature columns
     qf, kf, v = tensors(t + 1, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), positive=(0, 1))
     valid = padding(b, t)
@@ -306,13 +308,17 @@ def test_swa(t, window, n_sinks, h, hkv, dtype):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # block splits: at GPU head sizes the forward splits the value dim and the backward passes the feature and value dims;
-# forced here at small sizes (blocks of 16 over 32), with segments, an initial state and the final state
+# forced here at small sizes (blocks of 16 over 32), with gla's segments, an initial state and the final state
 
 
 @pytest.mark.parametrize("op", ["linear_attn", "window_linear_attn", "gla"])
 def test_blocks(op):
     mod = {"linear_attn": la_k, "window_linear_attn": win_k, "gla": gla_k}[op]
-    mod.TUNE.update(seg_chunks=1, fwd_bd=16, bwd_block=16)
+    if op == "gla":
+        mod.TUNE.update(seg_chunks=1, fwd_bd=16, bwd_block=16)
+    else:  # the state passes (the Hedgehog op's, for both) and the chunk passes
+        la_k.TUNE.update(h_block=16, o_bd=16, bwd_block=16)
+        win_k.TUNE.update(fwd_bd=16, bwd_block=16)
     b, t, h, hk, d, f, window = 2, 37, 2, 1, 32, 32, 8
     scale = d**-0.5
     q, k, v, qf, kf, g, gamma, s0, z0 = tensors(7, (b, t, h, d), (b, t, hk, d), (b, t, hk, d), (b, t, h, f),

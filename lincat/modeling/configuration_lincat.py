@@ -27,7 +27,7 @@ class LayerSpec:
     window_factor_init: float = 0.1  # lolcats: initial gamma = sigmoid(param)
     gate_norm: float = 16.0  # liger: log alpha = logsigmoid(k) / gate_norm
     mix: float = 0.5  # liger: weight of the GLA branch, (1 - mix) for the sliding window
-    chunk_size: int = 64
+    chunk_size: int = 64  # chunk of the PyTorch chunked forms (the Triton kernels pick their own); same result
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -72,23 +72,24 @@ def _import_triton(name: str):
 _TRITON: dict = {}
 
 
-def _run(name, torch_fn, backend, device, *args, **kwargs):
+def _run(name, torch_fn, backend, device, *args, torch_kwargs=None, **kwargs):
+    """torch_kwargs go to the PyTorch form only (its chunk size: the Triton kernels pick their own)."""
     if resolve_backend(backend, device) == "triton":
         fn = _triton_kernel(name)
         if fn is not None:
             return fn(*args, **kwargs)
-    return torch_fn(*args, **kwargs)
+    return torch_fn(*args, **kwargs, **(torch_kwargs or {}))
 
 
 def linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_state=False, chunk_size=64, backend=None):
     return _run("linear_attn", chunk_linear_attn_torch, backend, qf.device, qf, kf, v, valid,
-                initial_state, output_final_state, chunk_size)
+                initial_state, output_final_state, torch_kwargs={"chunk_size": chunk_size})
 
 
 def window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid=None, initial_state=None,
                        output_final_state=False, chunk_size=64, backend=None):
     return _run("window_linear_attn", chunk_window_linear_attn_torch, backend, q.device, q, k, v, qf, kf, gamma,
-                window, scale, valid, initial_state, output_final_state, chunk_size)
+                window, scale, valid, initial_state, output_final_state, torch_kwargs={"chunk_size": chunk_size})
 
 
 def gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, backend=None):

@@ -22,33 +22,10 @@ def dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def sm_count(tune: dict, device) -> int:
-    if tune.get("programs"):
-        return tune["programs"]
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def segment_chunks(tune: dict, n_chunks: int, parallel: int, device) -> int:
-    """Chunks per segment. These kernels hold one program per SM (registers), so the time goes as waves x chunks
-    per program: ceil(parallel x segments / SMs) x ceil(chunks / segments). Take the fewest segments that minimize
-    it; each extra segment costs a pre-pass over its keys."""
-    if tune.get("seg_chunks"):
-        return tune["seg_chunks"]
-    sms = sm_count(tune, device)
-    best, best_ns = None, 1
-    for ns in range(1, min(n_chunks, 64) + 1):
-        cost = triton.cdiv(parallel * ns, sms) * triton.cdiv(n_chunks, ns)
-        if best is None or cost < best:
-            best, best_ns = cost, ns
-    return triton.cdiv(n_chunks, best_ns)
-
-
 def launch_opts(tune: dict, elems: int, stages: int = 1) -> dict:
-    """Warps and pipeline stages. The sequential kernels nest loops that Triton does not pipeline (and the band
-    loops are too short to), so more stages only spill registers; the segment pre-passes stream a plain loop and
-    get 3."""
+    """Warps and pipeline stages of the gla and swa kernels. Their nested loops are not pipelined by Triton (and the
+    band loops are too short to be), so more stages only spill registers; gla's segment pre-passes stream a plain
+    loop and get 3."""
     warps = tune["num_warps"] or (8 if elems >= 128 * 64 else 4)
     return {"num_warps": warps, "num_stages": tune["num_stages"] or stages}
 

@@ -21,8 +21,8 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (BUDGET, advance_pos, check_state, contig, p2, ring_scores, ring_values, value_block,
-                           value_splits, warps)
+from ..fused_utils import (BUDGET, advance_pos, check_state, contig, group_block, p2, ring_scores, ring_values,
+                           value_block, value_splits, warps)
 from ..utils import DEN_EPS
 
 
@@ -112,7 +112,7 @@ def fused_liger_step(q, k, qr, kr, v, gate_norm, mix, scale, state, valid=None):
         raise ValueError(f"liger step: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
                          f"S {tuple(state['S'].shape)} do not fit")
     g = h // hkv
-    bg, bd, br = max(2, p2(g)), p2(dk), p2(ring)
+    bg, bd, br = group_block(g), p2(dk), p2(ring)
     bv = value_block(dv, max(br, bd), bg)
     bdc = max(1, min(bd, BUDGET // (bg * br)))
     ndv = value_splits(dv, bv, b * hkv, v.device)

@@ -1,14 +1,16 @@
-"""Triton form of normalized causal linear attention (Hedgehog): forward and backward as one autograd Function.
+"""Triton form of normalized causal linear attention (Hedgehog): forward and backward as one autograd Function, in
+two passes.
 
-Queries come in chunks of C tokens. Within a chunk the pairs are formed exactly (causal mask); everything before the
-chunk lives in a linear state S = sum kf v^T, z = sum kf (fp32), carried from chunk to chunk inside one program, so
-qf, kf and v are read once and the state never goes through memory.
-
-The forward and the backward's forward-in-time pass (dqf) run one program per (value or feature block, segment,
-batch x query head); the backward-in-time passes (dkf, dv, with the reverse state dS = sum qf dnum^T) one per
-(block, segment, batch x state head). Long sequences are cut into segments of SEG chunks, each started from the state
-left by the segments before it; those states come from a cheap pre-pass (one outer-product sum per segment, then a
-cumulative sum).
+Carrying the state through a sequence's chunks inside one program (one serial chain of loads and products per SM)
+left these kernels latency bound at 8-25% of the H100's bandwidth. So only the state recurrence is serial:
+1. a state pass, one program per (feature block, value block, batch x state head), walks the chunks and stores the
+   state entering each chunk, h_n = sum over earlier keys of kf v^T (16-bit for 16-bit inputs, fp32 for fp32; the
+   normalizer state z_n in fp32). Its loads do not depend on the state, so Triton pipelines them;
+2. an output pass with one program per (value block, chunk, batch x query head) and no order between chunks:
+   o = (qf h_n + causal(qf kf^T) v) / (qf z_n + rowsum causal(qf kf^T)).
+The backward mirrors it: a reverse state pass (dh_n = sum over the queries of later chunks of qf dnum^T, dz_n of qf
+dden, with dnum = do / den and dden = -do.o / den), then chunk-parallel passes for dqf, dkf and dv.
+The lolcats op (window_linear_attn/chunk.py) uses the two state passes as they are.
 """
 
 import torch
@@ -20,52 +22,32 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
-from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, row_ptrs, segment_chunks, store
+from ..chunk_utils import check_size, dot_precision, keys_ok, load, p2, row_ptrs, store
 
-# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: from a cost model); programs: SM count that
-# model assumes (None: the device's); fwd_bd: value block of the forward; bwd_block: feature / value block of
-# the backward passes and the segment pre-passes.
-TUNE = {
-    "seg_chunks": None, "programs": None, "num_warps": None, "num_stages": None, "fwd_bd": None, "bwd_block": None,
-}
+# Knobs for tests and benchmarks: block, warps and pipeline stages of the state passes (h_*); value block and warps
+# of the chunk-parallel passes (o_*); bwd_block, their feature / value block in the backward; states_fp32 stores
+# 16-bit inputs' chunk states in fp32; chunk, the chunk when the caller gives none (128: half the states of 64, and
+# 1.4x / 1.25x faster forward / forward+backward than 64 on the H100 in a development run; `bench/kernels.py
+# --variants` times it).
+TUNE = {"h_block": None, "h_warps": None, "h_stages": None, "o_bd": None, "o_warps": None, "bwd_block": None,
+        "states_fp32": False, "chunk": 128}
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Triton helpers
+# Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
+# a transposed result are formed transposed instead (tl.dot(k, tl.trans(q)) rather than tl.trans(tl.dot(q, ...))),
+# and passes that multiply by h^T load it transposed. Transposing loaded tiles is fine.
 
 
 @triton.jit
 def _state_ptrs(hs, hz, b, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
                 TRANS: tl.constexpr = False):
-    """States are [B, HK, NSLOT, F, D] / [B, HK, NSLOT, F] fp32 (NSLOT: one per segment start, +1 for the end).
-    TRANS: the [D, F] view, for passes that multiply by S^T (loaded transposed rather than transposed in registers)."""
+    """States are [B, HK, NSLOT, F, D] / [B, HK, NSLOT, F] (NSLOT: one per chunk, or 1). TRANS: the [D, F] view, for
+    passes that multiply by S^T (loaded transposed rather than transposed in registers)."""
     base = ((b * HK + hk) * NSLOT + slot).to(tl.int64)
     if TRANS:
         ps, ms = hs + base * F * D + f[None, :] * D + d[:, None], (f[None, :] < F) & (d[:, None] < D)
     else:
         ps, ms = hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
     return ps, ms, hz + base * F + f, f < F
-
-
-# Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
-# a transposed result are formed transposed instead (tl.dot(k, tl.trans(q)) rather than tl.trans(tl.dot(q, ...))),
-# and the passes that multiply by S^T carry S^T. Transposing loaded tiles is fine.
-
-
-@triton.jit
-def _kv_chunk(kf, v, valid, b, hk, hv, t, lim, T, f, d, PREC: tl.constexpr, HAS_VALID: tl.constexpr,
-              HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr = False):
-    """One chunk's share of the linear state: kf^T v (v^T kf with TRANS) and sum kf over its non-padding keys below
-    lim."""
-    ok = keys_ok(valid, b, t, lim, T, HAS_VALID)
-    kt = load(kf, b, hk, t, f, T, HK, F)
-    kt = tl.where(ok[:, None], kt, 0.0)
-    vt = load(v, b, hv, t, d, T, HV, D)
-    if TRANS:
-        kv = tl.dot(tl.trans(vt), kt, input_precision=PREC)
-    else:
-        kv = tl.dot(tl.trans(kt), vt, input_precision=PREC)
-    return kv, tl.sum(kt.to(tl.float32), 0)
 
 
 @triton.jit
@@ -88,187 +70,147 @@ def _q_chunk(qf, do, den, delta, b, h, t, T, f, d, eps, PREC: tl.constexpr,
     return qs, tl.sum(qt.to(tl.float32) * dden[:, None], 0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Segment pre-passes: outer-product sums over token ranges, turned into per-segment start states by a cumsum.
-
-
 @triton.jit
-def _seg_kv(kf, v, valid, hs, hz, T, SEG, P, END, NS,
-            HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Keys [cut_s, cut_{s+1}) with cut_s = (s SEG - P) C and the last cut END: here P = 0 and END = T (the form is
-    shared with the sliding-window op, whose state stops P chunks before each segment and W tokens before the end)."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _fwd_h(kf, v, valid, s0, z0, hs, hz, sT, zT, T, END, NC,
+           HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+           HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+    """hs[n] = s0 + sum of kf^T v over the keys before chunk n and before END (hz likewise, by the first value block);
+    the final state (sT, zT) covers the keys before END. The lolcats op passes END = T - W: its final state leaves
+    out the window, and no chunk state it reads holds a key at or past T - W anyway."""
+    i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
     hv = hk // (HK // HV)
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
     c = tl.arange(0, C)
-    lo = tl.maximum((i_s * SEG - P) * C, 0)
-    hi = tl.where(i_s == NS - 1, END, tl.minimum(tl.maximum(((i_s + 1) * SEG - P) * C, 0), END))
-    acc = tl.zeros([BF, BD], tl.float32)
-    accz = tl.zeros([BF], tl.float32)
-    for t0 in range(lo, hi, C):
-        kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, t0 + c, hi, T, f, d, PREC, HAS_VALID, HK, HV, F, D)
-        acc += kv
-        accz += ks
-    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, i_s, NS, f, d, HK, F, D)
-    tl.store(ps, acc, mask=ms)
-    tl.store(pz, accz, mask=mz)
+    f = i_f * BF + tl.arange(0, BF)
+    d = i_d * BD + tl.arange(0, BD)
+    S = tl.zeros([BF, BD], tl.float32)
+    z = tl.zeros([BF], tl.float32)
+    if HAS_H0:  # names apart from the loop's: Triton would carry them through it, with another pointer type
+        p0, m0, pz0, mz0 = _state_ptrs(s0, z0, b, hk, 0, 1, f, d, HK, F, D)
+        S = tl.load(p0, mask=m0, other=0.0)
+        z = tl.load(pz0, mask=mz0, other=0.0)
+    for n in range(0, NC):
+        ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, n, NC, f, d, HK, F, D)
+        tl.store(ps, S.to(hs.dtype.element_ty), mask=ms)
+        if i_d == 0:
+            tl.store(pz, z, mask=mz)
+        t = n * C + c
+        ok = keys_ok(valid, b, t, END, T, HAS_VALID)
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, b, hv, t, d, T, HV, D)
+        S = tl.dot(tl.trans(kt), vt, acc=S, input_precision=PREC)
+        z += tl.sum(kt.to(tl.float32), 0)
+    if STORE_FINAL:
+        ps, ms, pz, mz = _state_ptrs(sT, zT, b, hk, 0, 1, f, d, HK, F, D)
+        tl.store(ps, S, mask=ms)
+        if i_d == 0:
+            tl.store(pz, z, mask=mz)
 
 
 @triton.jit
-def _seg_q(qf, do, den, delta, hs, hz, T, SEG, P, NS, S_OFF, eps,
-           H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    """Queries [qcut_s, qcut_{s+1}) with qcut_s = (s SEG + P) C (qcut_0 = 0, last = T), here with P = 0: segment s's
-    reverse pass wants all queries after it."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1) + S_OFF, tl.program_id(2)
-    b, hk = i_bh // HK, i_bh % HK
-    G: tl.constexpr = H // HK
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
-    c = tl.arange(0, C)
-    lo = tl.where(i_s == 0, 0, tl.minimum((i_s * SEG + P) * C, T))
-    hi = tl.where(i_s == NS - 1, T, tl.minimum(((i_s + 1) * SEG + P) * C, T))
-    acc = tl.zeros([BF, BD], tl.float32)
-    accz = tl.zeros([BF], tl.float32)
-    for t0 in range(lo, hi, C):
-        t = t0 + c
-        tm = tl.where(t < hi, t, T)  # rows past hi belong to the next segment: point them past the end
-        for g in range(G):
-            qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + g, tm, T, f, d, eps, PREC, H, F, D)
-            acc += qs
-            accz += zs
-    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, i_s, NS, f, d, HK, F, D)
-    tl.store(ps, acc, mask=ms)
-    tl.store(pz, accz, mask=mz)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Forward and the backward's forward-in-time pass run one program per query head, each carrying the state of its
-# head group: with several query heads per state, a loop over them in one program spills registers, while carrying
-# the state per query head only repeats one of four products per chunk.
-
-
-@triton.jit
-def _fwd(qf, kf, v, valid, o, den, h0s, h0z, hts, htz, T, SEG, NSLOT, eps,
-         H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-         C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-         HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
-    i_d, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _fwd_o(qf, kf, v, valid, hs, hz, o, den, T, NC, eps,
+           H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    i_d, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     f = tl.arange(0, BF)
     d = i_d * BD + tl.arange(0, BD)
-    causal = c[:, None] >= c[None, :]
-    S = tl.zeros([BF, BD], tl.float32)
-    z = tl.zeros([BF], tl.float32)
-    if HAS_H0:
-        ps, ms, pz, mz = _state_ptrs(h0s, h0z, b, hk, i_s, NSLOT, f, d, HK, F, D)
-        S = tl.load(ps, mask=ms, other=0.0)
-        z = tl.load(pz, mask=mz, other=0.0)
-    n_chunks = tl.cdiv(T, C)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, n_chunks)
-    for n in range(n0, n1):
-        t = n * C + c
-        if n > n0:  # the state must cover every chunk before this one
-            kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, t - C, T, T, f, d, PREC, HAS_VALID, HK, HV, F, D)
-            S += kv
-            z += ks
-        ok = keys_ok(valid, b, t, T, T, HAS_VALID)
-        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
-        vt = load(v, b, hv, t, d, T, HV, D)
-        Sc = S.to(kt.dtype)
-        qt = load(qf, b, h, t, f, T, H, F)
-        a = tl.where(causal, tl.dot(qt, tl.trans(kt), input_precision=PREC), 0.0)
-        acc = tl.dot(qt, Sc, input_precision=PREC)
-        acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
-        dl = tl.sum(qt.to(tl.float32) * z[None, :], 1) + tl.sum(a, 1)
-        store(o, acc / tl.maximum(dl, eps)[:, None], b, h, t, d, T, H, D)
-        if i_d == 0:
-            pr, mr = row_ptrs(den, b, h, t, T, H)
-            tl.store(pr, dl, mask=mr)
-    if STORE_FINAL:  # one segment only; the group's first query head stores its state
-        if h % (H // HK) == 0:
-            if n1 > n0:
-                kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, (n1 - 1) * C + c, T, T, f, d, PREC, HAS_VALID,
-                                   HK, HV, F, D)
-                S += kv
-                z += ks
-            ps, ms, pz, mz = _state_ptrs(hts, htz, b, hk, 0, 1, f, d, HK, F, D)
-            tl.store(ps, S, mask=ms)
-            if i_d == 0:
-                tl.store(pz, z, mask=mz)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backward, forward in time: dqf = dnum S^T + dden z + (intra-chunk part). The program carries S^T.
+    t = n * C + c
+    ok = keys_ok(valid, b, t, T, T, HAS_VALID)
+    qt = load(qf, b, h, t, f, T, H, F)
+    kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+    vt = load(v, b, hv, t, d, T, HV, D)
+    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, n, NC, f, d, HK, F, D)
+    S = tl.load(ps, mask=ms, other=0.0).to(qt.dtype)
+    z = tl.load(pz, mask=mz, other=0.0)
+    a = tl.where(c[:, None] >= c[None, :], tl.dot(qt, tl.trans(kt), input_precision=PREC), 0.0)
+    acc = tl.dot(qt, S, input_precision=PREC)
+    acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
+    dl = tl.sum(qt.to(tl.float32) * z[None, :], 1) + tl.sum(a, 1)
+    store(o, acc / tl.maximum(dl, eps)[:, None], b, h, t, d, T, H, D)
+    if i_d == 0:
+        pr, mr = row_ptrs(den, b, h, t, T, H)
+        tl.store(pr, dl, mask=mr)
 
 
 @triton.jit
-def _bwd_dq(kf, v, valid, o, do, den, dqf, delta, h0s, h0z, T, SEG, NSLOT, eps,
+def _bwd_h(qf, do, den, delta, dsT, dzT, dhs, dhz, d0s, d0z, T, NC, eps,
+           H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+           HAS_DH: tl.constexpr, STORE_D0: tl.constexpr, PREC: tl.constexpr):
+    """dh_n = dS_T + sum over the queries of chunks after n of qf^T dnum (dz_n: of qf dden)."""
+    i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hk = i_bh // HK, i_bh % HK
+    G: tl.constexpr = H // HK
+    c = tl.arange(0, C)
+    f = i_f * BF + tl.arange(0, BF)
+    d = i_d * BD + tl.arange(0, BD)
+    dS = tl.zeros([BF, BD], tl.float32)
+    dz = tl.zeros([BF], tl.float32)
+    if HAS_DH:  # names apart from the loop's, as in _fwd_h
+        p0, m0, pz0, mz0 = _state_ptrs(dsT, dzT, b, hk, 0, 1, f, d, HK, F, D)
+        dS = tl.load(p0, mask=m0, other=0.0)
+        dz = tl.load(pz0, mask=mz0, other=0.0)
+    for i in range(0, NC):
+        n = NC - 1 - i
+        ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, n, NC, f, d, HK, F, D)
+        tl.store(ps, dS.to(dhs.dtype.element_ty), mask=ms)
+        if i_d == 0:
+            tl.store(pz, dz, mask=mz)
+        for g in range(G):
+            qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + g, n * C + c, T, f, d, eps, PREC, H, F, D)
+            dS += qs
+            dz += zs
+    if STORE_D0:
+        ps, ms, pz, mz = _state_ptrs(d0s, d0z, b, hk, 0, 1, f, d, HK, F, D)
+        tl.store(ps, dS, mask=ms)
+        if i_d == 0:
+            tl.store(pz, dz, mask=mz)
+
+
+@triton.jit
+def _bwd_dq(kf, v, valid, do, den, delta, hs, hz, dqf, T, NC, eps,
             H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-            HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """dqf = dnum h_n^T + dden z_n + causal(dnum v^T + dden) kf; BD covers all of D."""
+    i_f, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     f = i_f * BF + tl.arange(0, BF)
     d = tl.arange(0, BD)
-    causal = c[:, None] >= c[None, :]
-    ST = tl.zeros([BD, BF], tl.float32)
-    z = tl.zeros([BF], tl.float32)
-    if HAS_H0:
-        ps, ms, pz, mz = _state_ptrs(h0s, h0z, b, hk, i_s, NSLOT, f, d, HK, F, D, True)
-        ST = tl.load(ps, mask=ms, other=0.0)
-        z = tl.load(pz, mask=mz, other=0.0)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for n in range(n0, n1):
-        t = n * C + c
-        if n > n0:
-            kv, ks = _kv_chunk(kf, v, valid, b, hk, hv, t - C, T, T, f, d, PREC, HAS_VALID, HK, HV, F, D, True)
-            ST += kv
-            z += ks
-        ok = keys_ok(valid, b, t, T, T, HAS_VALID)
-        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
-        vt = load(v, b, hv, t, d, T, HV, D)
-        dot_ = load(do, b, h, t, d, T, H, D)
-        pr, mr = row_ptrs(den, b, h, t, T, H)
-        dn = tl.load(pr, mask=mr, other=1.0)
-        rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-        dl = tl.sum(dot_.to(tl.float32) * load(o, b, h, t, d, T, H, D).to(tl.float32), 1)
-        dden = -dl * rden
-        dnum = (dot_.to(tl.float32) * rden[:, None]).to(kt.dtype)
-        da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
-        da = tl.where(causal, da, 0.0)
-        dqt = tl.dot(dnum, ST.to(kt.dtype), input_precision=PREC) + dden[:, None] * z[None, :]
-        dqt = tl.dot(da.to(kt.dtype), kt, acc=dqt, input_precision=PREC)
-        store(dqf, dqt, b, h, t, f, T, H, F)
-        if i_f == 0:
-            tl.store(row_ptrs(delta, b, h, t, T, H)[0], dl, mask=mr)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backward, backward in time, as two launches: dkf = v dS^T + dz + (intra) carrying dS^T over a feature block, and
-# dv = kf dS + (intra) carrying dS over a value block. dS covers the later chunks. Intra-chunk products are formed
-# transposed, keys by queries. One flat loop over (chunk, query head of the group): the group's terms accumulate and
-# the last head of the group stores them (nested loops carrying the accumulators spill registers).
+    t = n * C + c
+    ok = keys_ok(valid, b, t, T, T, HAS_VALID)
+    kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+    vt = load(v, b, hv, t, d, T, HV, D)
+    pr, mr = row_ptrs(den, b, h, t, T, H)
+    dn = tl.load(pr, mask=mr, other=1.0)
+    rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+    dden = -tl.load(row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0) * rden
+    dnum = (load(do, b, h, t, d, T, H, D).to(tl.float32) * rden[:, None]).to(kt.dtype)
+    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, n, NC, f, d, HK, F, D, True)
+    ST = tl.load(ps, mask=ms, other=0.0).to(kt.dtype)
+    z = tl.load(pz, mask=mz, other=0.0)
+    da = tl.where(c[:, None] >= c[None, :], tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None], 0.0)
+    dq = tl.dot(dnum, ST, input_precision=PREC) + dden[:, None] * z[None, :]
+    dq = tl.dot(da.to(kt.dtype), kt, acc=dq, input_precision=PREC)
+    store(dqf, dq, b, h, t, f, T, H, F)
 
 
 @triton.jit
-def _bwd_dkv(qf, kf, v, valid, do, den, delta, dkf, dv, dhs, dhz, d0s, d0z, T, SEG, NSLOT, eps,
+def _bwd_dkv(qf, kf, v, valid, do, den, delta, dhs, dhz, dkf, dv, T, NC, eps,
              H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
              C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DKF: tl.constexpr,
-             HAS_VALID: tl.constexpr, HAS_DH: tl.constexpr, STORE_D0: tl.constexpr, PREC: tl.constexpr):
-    """DO_DKF: program_id(0) is a feature block and BD covers all of D; else a value block and BF covers all of F."""
-    i_x, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+             HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Per (block, chunk, batch x state head), summing the group's query heads. DO_DKF: dkf = v dh_n^T + dz_n +
+    causal^T(v dnum^T + dden) qf over a feature block (BD covers D); else dv = kf dh_n + causal^T(kf qf^T) dnum over
+    a value block (BF covers F). Intra-chunk products are formed keys by queries."""
+    i_x, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     hv = hk // (HK // HV)
@@ -276,68 +218,100 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dkf, dv, dhs, dhz, d0s, d0z, T, S
     if DO_DKF:
         f = i_x * BF + tl.arange(0, BF)
         d = tl.arange(0, BD)
-        dS = tl.zeros([BD, BF], tl.float32)  # dS^T
         acc = tl.zeros([C, BF], tl.float32)
     else:
         f = tl.arange(0, BF)
         d = i_x * BD + tl.arange(0, BD)
-        dS = tl.zeros([BF, BD], tl.float32)
         acc = tl.zeros([C, BD], tl.float32)
+    t = n * C + c
     causal_t = c[:, None] <= c[None, :]  # key row <= query column
-    dz = tl.zeros([BF], tl.float32)
-    if HAS_DH:
-        ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, i_s, NSLOT, f, d, HK, F, D, DO_DKF)
-        dS = tl.load(ps, mask=ms, other=0.0)
-        dz = tl.load(pz, mask=mz, other=0.0)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for it in range(0, (n1 - n0) * G):
-        i = it // G
-        g = it % G
+    ok = keys_ok(valid, b, t, T, T, HAS_VALID)
+    kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+    vt = load(v, b, hv, t, d, T, HV, D)
+    for g in range(G):
         h = hk * G + g
-        t = (n1 - 1 - i) * C + c
-        if i > 0:  # the chunk after this one joins the reverse state, one query head at a time
-            qs, zs = _q_chunk(qf, do, den, delta, b, h, t + C, T, f, d, eps, PREC, H, F, D, DO_DKF)
-            dS += qs
-            dz += zs
-        ok = keys_ok(valid, b, t, T, T, HAS_VALID)
-        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
         qt = load(qf, b, h, t, f, T, H, F)
-        dot_ = load(do, b, h, t, d, T, H, D)
         pr, mr = row_ptrs(den, b, h, t, T, H)
         dn = tl.load(pr, mask=mr, other=1.0)
         rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-        dnum = (dot_.to(tl.float32) * rden[:, None]).to(kt.dtype)
-        acc = tl.where(g > 0, acc, 0.0)  # a new chunk starts with its group's first head
+        dnum = (load(do, b, h, t, d, T, H, D).to(tl.float32) * rden[:, None]).to(kt.dtype)
         if DO_DKF:
-            vt = load(v, b, hv, t, d, T, HV, D)
             dden = -tl.load(row_ptrs(delta, b, h, t, T, H)[0], mask=mr, other=0.0) * rden
-            da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
-            da_t = tl.where(causal_t, da_t, 0.0)
+            da_t = tl.where(causal_t, tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :], 0.0)
             acc = tl.dot(da_t.to(qt.dtype), qt, acc=acc, input_precision=PREC)
-            if g == G - 1:
-                acc = tl.dot(vt, dS.to(vt.dtype), acc=acc, input_precision=PREC) + dz[None, :]
-                store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, t, f, T, HK, F)
         else:
             a_t = tl.where(causal_t, tl.dot(kt, tl.trans(qt), input_precision=PREC), 0.0)
             acc = tl.dot(a_t.to(kt.dtype), dnum, acc=acc, input_precision=PREC)
-            if g == G - 1:
-                acc = tl.dot(kt, dS.to(kt.dtype), acc=acc, input_precision=PREC)
-                store(dv, acc, b, hk, t, d, T, HK, D)
-    if STORE_D0:  # one segment only: the initial state's gradient sums over every query
-        if n1 > n0:
-            for g in range(G):
-                qs, zs = _q_chunk(qf, do, den, delta, b, hk * G + g, n0 * C + c, T, f, d, eps, PREC, H, F, D,
-                                  DO_DKF)
-                dS += qs
-                dz += zs
-        ps, ms, pz, mz = _state_ptrs(d0s, d0z, b, hk, 0, 1, f, d, HK, F, D, DO_DKF)
-        tl.store(ps, dS, mask=ms)
-        tl.store(pz, dz, mask=mz)
+    ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, n, NC, f, d, HK, F, D, DO_DKF)
+    dS = tl.load(ps, mask=ms, other=0.0).to(kt.dtype)
+    if DO_DKF:
+        dz = tl.load(pz, mask=mz, other=0.0)
+        acc = tl.dot(vt, dS, acc=acc, input_precision=PREC) + dz[None, :]
+        store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, t, f, T, HK, F)
+    else:
+        acc = tl.dot(kt, dS, acc=acc, input_precision=PREC)
+        store(dv, acc, b, hk, t, d, T, HK, D)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Host side
+def h_cfg(f: int, d: int, tune: dict = TUNE):
+    """Feature block, value block and launch options of the state passes."""
+    bh = tune["h_block"] or 64
+    return min(p2(f), bh), min(p2(d), bh), {"num_warps": tune["h_warps"] or 4, "num_stages": tune["h_stages"] or 3}
+
+
+def o_opts(c: int, rows: int, cols: int, tune: dict = TUNE) -> dict:
+    """Launch options of a chunk-parallel pass whose largest tile is [rows, cols] next to [c, c] scores: 8 warps
+    from 128 x 128 (C = 128 with 128-wide heads), 4 below (C = 64)."""
+    return {"num_warps": tune["o_warps"] or (8 if c * max(rows, cols) >= 128 * 128 else 4), "num_stages": 1}
+
+
+def fit(full: int, other: int, tune_val=None) -> int:
+    """A block of `full` columns next to a tile dim of `other`, so that the pair stays within 128 x 128."""
+    return tune_val or (full if full * other <= 128 * 128 else max(16, 128 * 128 // other))
+
+
+def states_dtype(v_dtype, tune: dict = TUNE):
+    return torch.float32 if (v_dtype == torch.float32 or tune["states_fp32"]) else v_dtype
+
+
+def fwd_states(kf, v, valid, s0, z0, end, c, prec, final, tune: dict = TUNE):
+    """Chunk states hs [B, HK, NC, F, D], hz [B, HK, NC, F] and, with final, the state after the keys before end."""
+    b, t, hk, f = kf.shape
+    hv, d = v.shape[2], v.shape[3]
+    nc = triton.cdiv(t, c)
+    f32 = dict(device=kf.device, dtype=torch.float32)
+    hs = torch.empty(b, hk, nc, f, d, device=kf.device, dtype=states_dtype(v.dtype, tune))
+    hz = torch.empty(b, hk, nc, f, **f32)
+    sT = torch.empty(b, hk, f, d, **f32) if final else hz
+    zT = torch.empty(b, hk, f, **f32) if final else hz
+    bfh, bdh, opts = h_cfg(f, d, tune)
+    _fwd_h[(triton.cdiv(f, bfh), triton.cdiv(d, bdh), b * hk)](
+        kf, v, valid if valid is not None else kf, s0 if s0 is not None else hz, z0 if z0 is not None else hz,
+        hs, hz, sT, zT, t, end, nc, HK=hk, HV=hv, F=f, D=d, C=c, BF=bfh, BD=bdh, HAS_VALID=valid is not None,
+        HAS_H0=s0 is not None, STORE_FINAL=final, PREC=prec, **opts)
+    return hs, hz, (sT, zT) if final else None
+
+
+def bwd_states(qf, do, den, delta, hk, dsT, dzT, c, prec, need_d0, states_like, tune: dict = TUNE):
+    """Reverse chunk states dhs[n] = dsT + sum over the queries of chunks after n of qf dnum^T (dhz: of qf dden), and
+    with need_d0 the sum over all queries (the initial state's gradient)."""
+    b, t, h, f = qf.shape
+    d = do.shape[-1]
+    nc = triton.cdiv(t, c)
+    f32 = dict(device=qf.device, dtype=torch.float32)
+    dhs = torch.empty_like(states_like)
+    dhz = torch.empty(b, hk, nc, f, **f32)
+    d0s = torch.empty(b, hk, f, d, **f32) if need_d0 else dhz
+    d0z = torch.empty(b, hk, f, **f32) if need_d0 else dhz
+    has_dh = dsT is not None or dzT is not None
+    if has_dh:
+        dsT = torch.zeros(b, hk, f, d, **f32) if dsT is None else dsT.float().contiguous()
+        dzT = torch.zeros(b, hk, f, **f32) if dzT is None else dzT.float().contiguous()
+    bfh, bdh, opts = h_cfg(f, d, tune)
+    _bwd_h[(triton.cdiv(f, bfh), triton.cdiv(d, bdh), b * hk)](
+        qf, do, den, delta, dsT if has_dh else dhz, dzT if has_dh else dhz, dhs, dhz, d0s, d0z, t, nc, DEN_EPS,
+        H=h, HK=hk, F=f, D=d, C=c, BF=bfh, BD=bdh, HAS_DH=has_dh, STORE_D0=need_d0, PREC=prec, **opts)
+    return dhs, dhz, (d0s, d0z) if need_d0 else None
 
 
 class _LinearAttn(torch.autograd.Function):
@@ -346,155 +320,68 @@ class _LinearAttn(torch.autograd.Function):
         b, t, h, f = qf.shape
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
         c = chunk
-        n = triton.cdiv(t, c)
-        bf, bd_all = p2(f), p2(d)
-        bd = TUNE["fwd_bd"] or (bd_all if bf * bd_all <= 128 * 128 else max(16, 128 * 128 // bf))  # no spills
-        nbd = triton.cdiv(d, bd)
-        seg = segment_chunks(TUNE, n, b * h * nbd, qf.device)
-        ns = triton.cdiv(n, seg)
+        nc = triton.cdiv(t, c)
         prec = dot_precision(v.dtype)
-        f32 = dict(device=qf.device, dtype=torch.float32)
         vmask = valid if valid is not None else qf
+        hs, hz, final = fwd_states(kf, v, valid, s0, z0, t, c, prec, output_final_state)
         o = torch.empty(b, t, h, d, device=qf.device, dtype=v.dtype)
-        den = torch.empty(b, t, h, **f32)
-
-        h0s = h0z = None
-        if ns > 1:  # start state of each segment; slot ns is the final state
-            h0s, h0z = _segment_states_fwd(kf, v, valid, s0, z0, t, seg, 0, t, ns, c, prec, output_final_state)
-        elif s0 is not None:
-            h0s, h0z = s0.float().contiguous(), z0.float().contiguous()
-        nslot = h0s.shape[2] if ns > 1 else 1
-        store_final = output_final_state and ns == 1
-        hts = torch.empty(b, hk, f, d, **f32) if store_final else den
-        htz = torch.empty(b, hk, f, **f32) if store_final else den
-        _fwd[(nbd, ns, b * h)](
-            qf, kf, v, vmask, o, den, h0s if h0s is not None else den, h0z if h0z is not None else den, hts, htz,
-            t, seg, nslot, DEN_EPS, H=h, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf, BD=bd,
-            HAS_VALID=valid is not None, HAS_H0=h0s is not None, STORE_FINAL=store_final, PREC=prec,
-            **launch_opts(TUNE, bf * bd),
-        )
-        ctx.save_for_backward(qf, kf, v, valid, o, den, h0s, h0z)
-        ctx.cfg = (c, seg, ns, nslot, s0 is not None, None if s0 is None else s0.dtype)
+        den = torch.empty(b, t, h, device=qf.device, dtype=torch.float32)
+        bf = p2(f)
+        bd = fit(p2(d), bf, TUNE["o_bd"])
+        _fwd_o[(triton.cdiv(d, bd), nc, b * h)](
+            qf, kf, v, vmask, hs, hz, o, den, t, nc, DEN_EPS, H=h, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf, BD=bd,
+            HAS_VALID=valid is not None, PREC=prec, **o_opts(c, bf, bd))
+        ctx.save_for_backward(qf, kf, v, valid, o, den, hs, hz)
+        ctx.cfg = (c, s0 is not None)
         ctx.set_materialize_grads(False)
         if not output_final_state:
             return o, None, None
-        if store_final:
-            return o, hts, htz
-        return o, h0s[:, :, ns].contiguous(), h0z[:, :, ns].contiguous()
+        return o, final[0], final[1]
 
     @staticmethod
-    def backward(ctx, do, dst, dzt):
-        qf, kf, v, valid, o, den, h0s, h0z = ctx.saved_tensors
-        c, seg, ns, nslot, has_s0, s0_dtype = ctx.cfg
+    def backward(ctx, do, dsT, dzT):
+        qf, kf, v, valid, o, den, hs, hz = ctx.saved_tensors
+        c, has_s0 = ctx.cfg
         b, t, h, f = qf.shape
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
-        bf, bd = p2(f), p2(d)
+        nc = triton.cdiv(t, c)
         prec = dot_precision(v.dtype)
         f32 = dict(device=qf.device, dtype=torch.float32)
         do = torch.zeros_like(o) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else qf
-        common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec)
-
-        dqf = torch.empty_like(qf)
-        delta = torch.empty(b, t, h, **f32)
-        bf_q = TUNE["bwd_block"] or (bf if bf * bd <= 64 * 128 else max(16, 64 * 128 // bd))
-        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
-            kf, v, vmask, o, do, den, dqf, delta, h0s if h0s is not None else den,
-            h0z if h0z is not None else den, t, seg, nslot, DEN_EPS, BF=bf_q, BD=bd, HAS_H0=h0s is not None,
-            **common, **launch_opts(TUNE, bf_q * bd))
-
-        # reverse start state of each segment: the final state's gradient plus the queries after the segment
+        delta = (do.float() * o.float()).sum(-1)  # do . o, which dden needs in every pass below
         need_d0 = has_s0 and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
-        dhs = dhz = tot_s = tot_z = None
-        if ns > 1:
-            dhs, dhz, tot_s, tot_z = _segment_states_bwd(qf, do, den, delta, t, seg, 0, ns, c, hk, prec, need_d0)
-        if dst is not None or dzt is not None:
-            dst = torch.zeros(b, hk, f, d, **f32) if dst is None else dst.float()
-            dzt = torch.zeros(b, hk, f, **f32) if dzt is None else dzt.float()
-            if dhs is None:
-                dhs, dhz = dst.contiguous(), dzt.contiguous()
-            else:
-                dhs, dhz = dhs + dst[:, :, None], dhz + dzt[:, :, None]
-                tot_s, tot_z = tot_s + dst, tot_z + dzt
-        store_d0 = need_d0 and ns == 1
-        d0s = torch.empty(b, hk, f, d, **f32) if store_d0 else den
-        d0z = torch.empty(b, hk, f, **f32) if store_d0 else den
+        dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, dsT, dzT, c, prec, need_d0, hs)
 
+        bf, bd = p2(f), p2(d)
+        common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec)
+        dqf = torch.empty_like(qf)
+        bf_q = fit(bf, bd, TUNE["bwd_block"])
+        _bwd_dq[(triton.cdiv(f, bf_q), nc, b * h)](
+            kf, v, vmask, do, den, delta, hs, hz, dqf, t, nc, DEN_EPS, BF=bf_q, BD=bd, **common,
+            **o_opts(c, bf_q, bd))
         shared_v = hk != hv  # several state heads write the same v head: fp32 partials, summed below
         dv = torch.empty(b, t, hk, d, **f32) if shared_v else torch.empty_like(v)
         dkf = torch.empty_like(kf)
-        has_dh = dhs is not None
-        args = (qf, kf, v, vmask, do, den, delta, dkf, dv, dhs if dhs is not None else den,
-                dhz if dhz is not None else den, d0s, d0z, t, seg, ns if ns > 1 else 1, DEN_EPS)
-        bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
-        _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
-            *args, BF=bf_k, BD=bd, DO_DKF=True, HAS_DH=has_dh, STORE_D0=store_d0, **common,
-            **launch_opts(TUNE, bf_k * bd))
-        _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
-            *args, BF=bf, BD=bd_v, DO_DKF=False, HAS_DH=has_dh, STORE_D0=False, **common,
-            **launch_opts(TUNE, bf * bd_v))
+        args = (qf, kf, v, vmask, do, den, delta, dhs, dhz, dkf, dv, t, nc, DEN_EPS)
+        bd_v = fit(bd, bf, TUNE["bwd_block"])
+        _bwd_dkv[(triton.cdiv(f, bf_q), nc, b * hk)](
+            *args, BF=bf_q, BD=bd, DO_DKF=True, **common, **o_opts(c, bf_q, bd))
+        _bwd_dkv[(triton.cdiv(d, bd_v), nc, b * hk)](
+            *args, BF=bf, BD=bd_v, DO_DKF=False, **common, **o_opts(c, bf, bd_v))
         if shared_v:
             dv = dv.view(b, t, hv, hk // hv, d).sum(3).to(v.dtype)
-        ds0 = dz0 = None
-        if need_d0:
-            ds0, dz0 = (d0s, d0z) if store_d0 else (tot_s, tot_z)
-            ds0, dz0 = ds0.to(s0_dtype), dz0.to(s0_dtype)
+        ds0, dz0 = d0 if need_d0 else (None, None)
         return dqf, dkf, dv, None, ds0, dz0, None, None
 
 
-def _segment_states_fwd(kf, v, valid, s0, z0, t, seg, p, end, ns, c, prec, need_final, tune: dict = TUNE):
-    """States entering each segment (slot s): s0 plus a cumsum of the segments' own sums; slot ns, the final state,
-    only when asked for (the last segment's sum is not needed otherwise)."""
-    b, _, hk, f = kf.shape
-    hv, d = v.shape[2], v.shape[3]
-    bf, bd = p2(f), p2(d)
-    bf_s = tune["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
-    nloc = ns if need_final else ns - 1
-    loc_s = torch.empty(b, hk, ns, f, d, device=kf.device, dtype=torch.float32)
-    loc_z = torch.empty(b, hk, ns, f, device=kf.device, dtype=torch.float32)
-    _seg_kv[(triton.cdiv(f, bf_s), nloc, b * hk)](
-        kf, v, valid if valid is not None else kf, loc_s, loc_z, t, seg, p, end, ns,
-        HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s, BD=bd, HAS_VALID=valid is not None, PREC=prec,
-        **launch_opts(tune, bf_s * bd, 3))
-    hs = torch.zeros(b, hk, nloc + 1, f, d, device=kf.device, dtype=torch.float32)
-    hz = torch.zeros(b, hk, nloc + 1, f, device=kf.device, dtype=torch.float32)
-    torch.cumsum(loc_s[:, :, :nloc], 2, out=hs[:, :, 1:])
-    torch.cumsum(loc_z[:, :, :nloc], 2, out=hz[:, :, 1:])
-    if s0 is not None:
-        hs += s0.float()[:, :, None]
-        hz += z0.float()[:, :, None]
-    return hs, hz
-
-
-def _segment_states_bwd(qf, do, den, delta, t, seg, p, ns, c, hk, prec, need_total, tune: dict = TUNE):
-    """Reverse start states: slot s holds the sum of qf dnum^T (and qf dden) over the queries that see all of
-    segment s as older than their band, i.e. over the query ranges of the segments after s. With need_total, also
-    the sum over all queries (the initial state's gradient), which needs the first segment's range too."""
-    b, _, h, f = qf.shape
-    d = do.shape[-1]
-    bf, bd = p2(f), p2(d)
-    bf_s = tune["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
-    first = 0 if need_total else 1
-    loc_s = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
-    loc_z = torch.zeros(b, hk, ns, f, device=qf.device, dtype=torch.float32)
-    _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
-        qf, do, den, delta, loc_s, loc_z, t, seg, p, ns, first, DEN_EPS,
-        H=h, HK=hk, F=f, D=d, C=c, BF=bf_s, BD=bd, PREC=prec, **launch_opts(tune, bf_s * bd, 3))
-    after_s = loc_s.flip(2).cumsum(2).flip(2)  # slot s: segments >= s
-    after_z = loc_z.flip(2).cumsum(2).flip(2)
-    hs = torch.zeros_like(loc_s)
-    hz = torch.zeros_like(loc_z)
-    hs[:, :, :-1] = after_s[:, :, 1:]
-    hz[:, :, :-1] = after_z[:, :, 1:]
-    return hs, hz, after_s[:, :, 0], after_z[:, :, 0]
-
-
-def chunk_linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_state=False, chunk_size=64,
+def chunk_linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_state=False, chunk_size=None,
                       cu_seqlens=None):
     """Same contract as `chunk_linear_attn_torch`: returns (o [B, T, H, D] in v.dtype, final state or None).
 
     initial_state / final state: (S [B, Hk, F, D], z [B, Hk, F]) fp32, the sums of kf v^T and kf over earlier tokens.
     Differentiable in qf, kf, v and the initial state.
+    chunk_size: 16, 32, 64 or 128 (None: TUNE["chunk"]); the result does not depend on it.
     cu_seqlens: optional [N + 1] boundaries of N sequences packed along T (B == 1); states are then per sequence
     ([N, ...]). They run as a left-padded batch (a gather and a scatter of the inputs and the output).
     """
@@ -508,10 +395,10 @@ def chunk_linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_st
     qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
     v = v.contiguous()
     check_size(qf, kf, v)
-    c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    c = chunk_size if chunk_size in (16, 32, 64, 128) else TUNE["chunk"]
     s0 = z0 = None
     if initial_state is not None:
-        s0, z0 = initial_state
+        s0, z0 = (x.float().contiguous() for x in initial_state)
     vmask = None if valid is None else valid.to(torch.uint8).contiguous()
     o, fs, fz = _LinearAttn.apply(qf, kf, v, vmask, s0, z0, bool(output_final_state), c)
     return o, ((fs, fz) if output_final_state else None)

@@ -19,7 +19,8 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import BUDGET, check_state, contig, p2, ring_scores, ring_values, value_block, value_splits, warps
+from ..fused_utils import (BUDGET, check_state, contig, group_block, p2, ring_scores, ring_values, value_block,
+                           value_splits, warps)
 from ..utils import DEN_EPS
 
 
@@ -133,7 +134,7 @@ def fused_swa_step(qr, kr, v, scale, window, state, valid=None):
     if sinks:
         check_state(state, "sink_k", "sink_v", "sink_pos", "sink_valid", "n_valid")
     g = h // hkv
-    bg, bd, br = max(2, p2(g)), p2(dk), p2(ring)
+    bg, bd, br = group_block(g), p2(dk), p2(ring)
     bv = value_block(dv, br, bg)
     bdc = max(1, min(bd, BUDGET // (bg * max(br, p2(ns)))))
     ndv = value_splits(dv, bv, b * hkv, v.device)

@@ -22,8 +22,8 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (BUDGET, advance_pos, check_state, contig, hedgehog_features, p2, ring_scores, ring_values,
-                           value_block, warps)
+from ..fused_utils import (BUDGET, TUNE, advance_pos, check_state, contig, group_block, hedgehog_features, p2,
+                           ring_scores, ring_values, sms, value_block)
 from ..utils import DEN_EPS
 
 
@@ -137,14 +137,24 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
         raise ValueError(f"lolcats step: shapes q {tuple(qr.shape)} k {tuple(kr.shape)} v {tuple(v.shape)} "
                          f"wk {tuple(wk.shape)} S {tuple(state['S'].shape)} ring {ring} window {window} do not fit")
     g = h // hs
-    bg, bf, br, bd = max(2, p2(g)), p2(fh), p2(window), p2(dk)
-    bv = value_block(dv, max(br, bf), bg)
+    bg, bf, br, bd = group_block(g, 1), p2(fh), p2(window), p2(dk)
+    # Launch settings measured on the H100 (8B heads, bench/results/generate.md). Many programs (batch 64: 2048 with a
+    # state per query head, 512 shared): 32-column value tiles, 2 warps for 1-row query tiles (1.8x faster than 8
+    # warps over 128 columns), 4 for 4-row tiles. Few (batch 1): 8 warps (1.8x faster than 4 for 1-row tiles) over
+    # 64 columns or more (1.25x faster than 32 for 4-row tiles).
+    many = b * hs >= 2 * sms(qr.device)
+    vb = value_block(dv, max(br, bf), bg)
+    if many:
+        bv, nw = min(32, vb), 2 if bg == 1 else 4
+    else:
+        bv, nw = (min(p2(dv), max(64, vb)) if bg <= 4 else vb), 8
+    bv, nw = TUNE["bv"] or bv, TUNE["num_warps"] or nw
     bdc = max(1, min(bd, BUDGET // (bg * br)))
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
     _lolcats_step[(b * hs,)](
         qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,
         valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale), DEN_EPS,
         W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BD=bd, BF=bf, BR=br, BDC=bdc, BV=bv,
-        HAS_VALID=valid is not None, num_warps=warps(max(bg * br * bv, bd * bf)),
+        HAS_VALID=valid is not None, num_warps=nw,
     )
     return o

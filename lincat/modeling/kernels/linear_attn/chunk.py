@@ -395,7 +395,8 @@ def chunk_linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_st
     qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
     v = v.contiguous()
     check_size(qf, kf, v)
-    c = chunk_size if chunk_size in (16, 32, 64, 128) else TUNE["chunk"]
+    # fp32 tiles are twice the bytes: at 128 tokens a chunk's q, k, v and state overflow an H100 block's shared memory
+    c = chunk_size if chunk_size in (16, 32, 64, 128) else (TUNE["chunk"] if dt != torch.float32 else 64)
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = (x.float().contiguous() for x in initial_state)

@@ -1,0 +1,139 @@
+"""Compile every Triton kernel for sm_90 (the H100) on a machine without a GPU.
+
+Each op's forward, backward and decode step runs on CPU tensors with Triton's driver replaced by one that names an
+sm_90 target: every launch compiles the kernel for real (Triton's frontend, LLVM, ptxas) and returns without running
+it. This catches what the interpreter tests cannot: code that Triton's compiler rejects (a variable whose type
+changes across a loop, for one) and kernels whose shared memory exceeds what an H100 block may use. The shapes are
+the GPU ones (head dims 64 and 128, 128 features, GQA, padding, initial and final states), in bf16 and fp32.
+
+    python tests/sm90_compile.py [bf16|fp32 ...]   # one line per kernel; tests/test_kernels_compile.py runs it
+
+Must run in its own process without TRITON_INTERPRET (the kernels read it when imported).
+"""
+
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# bf16 is what runs on GPUs; fp32 at the largest head dim, where its tiles are biggest
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+HEAD_DIMS = {torch.bfloat16: (128, 64), torch.float32: (128,)}
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KiB)
+COMPILED = []
+CASE = [""]
+
+
+class _Sm90Driver:
+    """Just enough of a driver for JITFunction.run to pick a target and bind arguments."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _compile_only(self, key, signature, device, constexprs, options, attrs, warmup):
+    """Replaces JITFunction._do_compile: compile, record, and return None so that run() launches nothing."""
+    _, _, target, _, _ = self.device_caches[device]
+    t0 = time.time()
+    kernel = self.compile(self.ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
+    COMPILED.append((f"{self.fn.__module__.split('.')[-2]}.{self.fn.__name__} ({CASE[0]})", options.num_warps,
+                     kernel.metadata.shared, time.time() - t0))
+    return None
+
+
+def chunk_ops(dtype):
+    from lincat.modeling.kernels.gla import chunk as gla_k
+    from lincat.modeling.kernels.linear_attn import chunk as la_k
+    from lincat.modeling.kernels.swa import chunk as swa_k
+    from lincat.modeling.kernels.window_linear_attn import chunk as win_k
+
+    def leaf(*shape, positive=False, dt=dtype):
+        x = torch.rand(*shape) if positive else torch.randn(*shape)
+        return x.to(dt).requires_grad_()
+
+    for d in HEAD_DIMS[dtype]:
+        CASE[0] = f"{str(dtype)[6:]}, D={d}"
+        b, t, h, hkv, f = 2, 300, 4, 2, 128
+        valid = torch.ones(b, t, dtype=torch.bool)
+        valid[1, :7] = False
+        q, k, v = leaf(b, t, h, d), leaf(b, t, hkv, d), leaf(b, t, hkv, d)
+        qf, kf = leaf(b, t, h, f, positive=True), leaf(b, t, h, f, positive=True)
+        s0 = (leaf(b, h, f, d, positive=True, dt=torch.float32), leaf(b, h, f, positive=True, dt=torch.float32))
+        o, st = la_k.chunk_linear_attn(qf, kf, v, valid, s0, True)
+        (o.float().sum() + st[0].sum() + st[1].sum()).backward()
+        o, st = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5,
+                                               valid, s0, True)
+        (o.float().sum() + st[0].sum()).backward()
+        kg = leaf(b, t, hkv, f)
+        g = (F.logsigmoid(kg.float()) / 16).detach().requires_grad_()
+        o, st = gla_k.chunk_gla(qf[:, :, :h], kg.softmax(-1).to(dtype), v, g, valid,
+                                leaf(b, hkv, f, d, dt=torch.float32), True)
+        (o.float().sum() + st.sum()).backward()
+        sinks = (torch.zeros(b, 2, hkv, d, dtype=dtype), torch.zeros(b, 2, hkv, d, dtype=dtype),
+                 torch.zeros(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.bool))
+        for sk in (None, sinks):
+            o = swa_k.chunk_swa(q, k, v, 64, d ** -0.5, valid, sk)
+            o.float().sum().backward()
+
+
+def decode_steps(dtype):
+    from lincat.modeling.kernels.gla.fused_recurrent import fused_liger_step
+    from lincat.modeling.kernels.linear_attn.fused_recurrent import fused_hedgehog_step
+    from lincat.modeling.kernels.swa.fused_recurrent import fused_swa_step
+    from lincat.modeling.kernels.window_linear_attn.fused_recurrent import fused_lolcats_step
+
+    h, hkv, d, fh, window = 32, 8, 128, 64, 64
+    CASE[0] = f"{str(dtype)[6:]}, step"
+    for b in (1, 64):  # the step picks its launch settings from the number of programs
+        for hs in (h, hkv):
+            q, k, v = (torch.randn(b, n, d, dtype=dtype) for n in (h, hkv, hkv))
+            wq, wk = torch.randn(h, d, fh), torch.randn(hs, d, fh)
+            pos, ticket = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.int32)
+            lin = dict(S=torch.zeros(b, hs, 2 * fh, d), z=torch.zeros(b, hs, 2 * fh), pos=pos, ticket=ticket)
+            fused_hedgehog_step(q, k, v, wq, wk, lin)
+            ring = lambda r: dict(win_k=torch.zeros(b, r, hkv, d, dtype=dtype),  # noqa: E731
+                                  win_v=torch.zeros(b, r, hkv, d, dtype=dtype),
+                                  win_valid=torch.zeros(b, r, dtype=torch.bool))
+            fused_lolcats_step(q, k, v, wq, wk, torch.rand(h), d ** -0.5, window, {**lin, **ring(window + 1)})
+        st = dict(S=torch.zeros(b, hkv, d, d), pos=pos, ticket=ticket, **ring(window))
+        fused_liger_step(q, k, q, k, v, 16.0, 0.5, d ** -0.5, st)
+        fused_swa_step(q, k, v, d ** -0.5, window, {**ring(window), "pos": pos, "ticket": ticket})
+
+
+def main():
+    driver.set_active(_Sm90Driver())
+    JITFunction._do_compile = _compile_only
+    for name in sys.argv[1:] or list(DTYPES):
+        dtype = DTYPES[name]
+        chunk_ops(dtype)
+        decode_steps(dtype)
+    worst = max(COMPILED, key=lambda r: r[2])
+    for name, warps, shared, sec in COMPILED:
+        print(f"{name:52s} warps {warps:2d}  shared {shared:7d} B  {sec:5.1f} s")
+    print(f"{len(COMPILED)} kernels compiled for sm_90; most shared memory: {worst[0]} {worst[2]} B "
+          f"(limit {SMEM_LIMIT})")
+    over = [r for r in COMPILED if r[2] > SMEM_LIMIT]
+    if over:
+        raise SystemExit(f"{len(over)} kernels need more shared memory than an H100 block has: "
+                         + ", ".join(f"{n} ({s} B)" for n, _, s, _ in over))
+
+
+if __name__ == "__main__":
+    main()

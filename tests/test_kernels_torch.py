@@ -160,3 +160,26 @@ def test_padding_rows_are_zero_not_nan(data):
     out = naive_linear_attn(d["qf"], d["kf"], d["v"], d["valid"])
     assert torch.isfinite(out).all()
     assert out[1, :5].abs().max() == 0
+
+
+def test_chunk_size_goes_to_the_pytorch_form_only(monkeypatch):
+    """`attention.chunk_size` sets the PyTorch form's chunk; the Triton kernels choose their own (fp32 shared-memory
+    limits, band widths), so ops must not pass it to them."""
+    from lincat.modeling import ops
+
+    seen = {}
+
+    def kernel(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        return "triton"
+
+    qf, kf, v = torch.rand(1, 5, 2, 4), torch.rand(1, 5, 2, 4), torch.randn(1, 5, 2, 4)
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setattr(ops, "_triton_kernel", lambda name: kernel)
+    assert ops.linear_attn(qf, kf, v, chunk_size=16, backend="triton") == "triton"
+    assert len(seen["args"]) == 6 and not seen["kwargs"]  # qf, kf, v, valid, initial_state, output_final_state
+    q = torch.randn(1, 5, 2, 4)
+    assert ops.window_linear_attn(q, q, v, qf, kf, torch.rand(2), 3, 0.5, chunk_size=16, backend="triton") == "triton"
+    assert len(seen["args"]) == 11 and not seen["kwargs"]
+    o, _ = ops.linear_attn(qf, kf, v, chunk_size=2, backend="torch")  # chunk 2 over 5 tokens: still exact
+    torch.testing.assert_close(o, naive_linear_attn(qf, kf, v))

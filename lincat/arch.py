@@ -88,7 +88,6 @@ def _inspect(model, config, path: str, mod: nn.Module, order: int) -> AttentionI
         _fail(model, f"attention {path} has parts lincat cannot carry over: {', '.join(desc)}")
 
     heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(mod, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
     fused = hasattr(mod, "qkv_proj") and not hasattr(mod, "q_proj")
     o_in = mod.o_proj.in_features

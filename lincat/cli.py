@@ -1,7 +1,6 @@
 """The `lincat` command: a thin typer layer over the Python API."""
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional

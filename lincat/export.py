@@ -8,6 +8,7 @@ kernels_gla_chunk.py) and their relative imports rewritten to match; nothing els
 
 import ast
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from huggingface_hub import save_torch_state_dict
 
 from . import __version__
 from .modeling.configuration_lincat import LayerSpec, LincatConfig
-from .train.loop import write_atomic
+from .modeling.modeling_lincat import ATTENTION_CLASSES
 
 MODELING_DIR = Path(__file__).resolve().parent / "modeling"
 ENTRY_FILES = ("modeling_lincat.py", "configuration_lincat.py")
@@ -82,19 +83,11 @@ def modeling_files() -> dict[str, str]:
 
 
 def state_bytes(spec: LayerSpec, dtype_bytes: int) -> int:
-    """Per-sequence bytes of one lincat layer's decode state (fp32 recurrent state, window ring in model dtype)."""
-    d, hkv, w = spec.head_dim, spec.num_kv_heads, spec.window
-    ring = w + 1 if spec.kind == "lolcats" else w  # lolcats keeps one extra slot (cache.py says why)
-    window = 2 * ring * hkv * d * dtype_bytes + ring
-    if spec.kind in ("hedgehog", "lolcats"):
-        f = 2 * spec.feature_dim
-        linear = spec.state_heads * (f * d + f) * 4
-        return linear + (window if spec.kind == "lolcats" else 0)
-    if spec.kind == "liger":
-        return spec.state_heads * d * d * 4 + window
-    if spec.kind == "swa":
-        return window + spec.sinks * (2 * hkv * d * dtype_bytes + 9)
-    raise ValueError(spec.kind)
+    """Per-sequence bytes of one lincat layer's decode state (fp32 recurrent state, window ring in the model dtype of
+    dtype_bytes), from the shapes the cache allocates (`pos` and `ticket` aside)."""
+    dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[dtype_bytes]  # only its size matters
+    shapes = ATTENTION_CLASSES[spec.kind].state_shapes_for(spec, 1, dtype)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in shapes.values())
 
 
 def kv_bytes(spec: LayerSpec, context: int, dtype_bytes: int) -> int:

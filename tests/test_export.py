@@ -193,15 +193,15 @@ def test_push_with_stub(runs, tmp_path, monkeypatch):
         push_folder(d, "me/model", api=StubApi())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_model_card_state_size_is_the_cache_size(kind):
+@pytest.mark.parametrize("kind, extra", [(k, {}) for k in KINDS] + [("swa", {"sinks": 2})])
+def test_model_card_state_size_is_the_cache_size(kind, extra):
     """The card's per-sequence state table counts exactly the bytes the decode cache holds (minus pos/ticket)."""
     from conftest import tiny_model
     from lincat.export import state_bytes
     from lincat.modeling.cache import LincatCache, LincatLayerCache
     from lincat.modeling.modeling_lincat import lincat_modules
 
-    model = lincat.convert(tiny_model("llama"), kind, window=8, backend="torch")
+    model = lincat.convert(tiny_model("llama"), kind, window=8, backend="torch", **extra)
     cache = LincatCache(model.config)
     with torch.no_grad():
         model(torch.randint(3, 100, (3, 20)), past_key_values=cache, use_cache=True)

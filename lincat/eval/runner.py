@@ -23,7 +23,7 @@ TASKS = ("ppl", "passkey", "speed", "lm-eval:<task>")
 
 def load_any(path_or_id: str, device=None, dtype=None):
     """A lincat export (through lincat's own classes) or any causal LM, with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..export import load
     from ..pipeline import load_base

@@ -154,8 +154,14 @@ class LincatAttention(nn.Module):
         """
         raise NotImplementedError
 
-    def state_shapes(self, b: int, dtype) -> dict:
+    @classmethod
+    def state_shapes_for(cls, spec, b: int, dtype) -> dict:
+        """{name: (shape, dtype)} of a layer's decode state for b sequences (the cache adds `pos` and `ticket`);
+        a function of the spec alone, so the export can size it without building a layer."""
         raise NotImplementedError
+
+    def state_shapes(self, b: int, dtype) -> dict:
+        return self.state_shapes_for(self.spec, b, dtype)
 
     def _state_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Keys as the linear state sees them: per KV head when the state is shared, else one per query head."""
@@ -163,9 +169,10 @@ class LincatAttention(nn.Module):
             return x
         return x.repeat_interleave(self.num_key_value_groups, dim=2)
 
-    def _window_shapes(self, b, dtype, ring=None):
+    @staticmethod
+    def _window_shapes(spec, b, dtype, ring=None):
         """The ring buffer: `ring` slots (default: the window) for the last W keys/values."""
-        r, hkv, d = ring or self.spec.window, self.num_kv_heads, self.head_dim
+        r, hkv, d = ring or spec.window, spec.num_kv_heads, spec.head_dim
         return {
             "win_k": ((b, r, hkv, d), dtype),
             "win_v": ((b, r, hkv, d), dtype),
@@ -206,8 +213,9 @@ class HedgehogAttention(LincatAttention):
             self.feature_map_q = HedgehogFeatureMap(spec.num_heads, spec.head_dim, spec.feature_dim)
             self.feature_map_k = HedgehogFeatureMap(spec.state_heads, spec.head_dim, spec.feature_dim)
 
-    def state_shapes(self, b, dtype):
-        hs, f, d = self.spec.state_heads, 2 * self.spec.feature_dim, self.head_dim
+    @classmethod
+    def state_shapes_for(cls, spec, b, dtype):
+        hs, f, d = spec.state_heads, 2 * spec.feature_dim, spec.head_dim
         return {"S": ((b, hs, f, d), torch.float32), "z": ((b, hs, f), torch.float32)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
@@ -243,10 +251,11 @@ class LolcatsAttention(HedgehogAttention):
         with torch.no_grad():
             self.window_factor.fill_(math.log(p / (1 - p)))
 
-    def state_shapes(self, b, dtype):
+    @classmethod
+    def state_shapes_for(cls, spec, b, dtype):
         # one ring slot more than the window: the decode step reads the token leaving the window from one slot while
         # it writes the new token to another (see cache.py)
-        return {**super().state_shapes(b, dtype), **self._window_shapes(b, dtype, self.spec.window + 1)}
+        return {**super().state_shapes_for(spec, b, dtype), **cls._window_shapes(spec, b, dtype, spec.window + 1)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
         spec, be = self.spec, self.backend
@@ -281,9 +290,10 @@ class LigerAttention(LincatAttention):
     """Liger Attention (arXiv 2503.01496): mix * GLA + (1 - mix) * sliding-window softmax. The GLA branch uses
     softmax-over-head-dim features of the pre-RoPE q/k and gates log alpha = logsigmoid(k) / gate_norm."""
 
-    def state_shapes(self, b, dtype):
-        hs, d = self.spec.state_heads, self.head_dim
-        return {"S": ((b, hs, d, d), torch.float32), **self._window_shapes(b, dtype)}
+    @classmethod
+    def state_shapes_for(cls, spec, b, dtype):
+        hs, d = spec.state_heads, spec.head_dim
+        return {"S": ((b, hs, d, d), torch.float32), **cls._window_shapes(spec, b, dtype)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
         spec, be = self.spec, self.backend
@@ -316,9 +326,10 @@ class LigerAttention(LincatAttention):
 class SlidingWindowAttention(LincatAttention):
     """Softmax over the last `window` tokens, plus the first `sinks` real tokens (StreamingLLM-style sinks)."""
 
-    def state_shapes(self, b, dtype):
-        shapes = self._window_shapes(b, dtype)
-        s, hkv, d = self.spec.sinks, self.num_kv_heads, self.head_dim
+    @classmethod
+    def state_shapes_for(cls, spec, b, dtype):
+        shapes = cls._window_shapes(spec, b, dtype)
+        s, hkv, d = spec.sinks, spec.num_kv_heads, spec.head_dim
         if s:
             shapes.update({
                 "sink_k": ((b, s + 1, hkv, d), dtype),

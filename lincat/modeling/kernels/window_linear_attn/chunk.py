@@ -46,6 +46,19 @@ TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64}
 # and the passes that multiply by S^T load it transposed. Transposing loaded tiles is fine.
 
 
+@triton.jit
+def _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C: tl.constexpr, HKV: tl.constexpr,
+                 DK: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Scaled scores [queries, keys] of the query chunk at rows tq against key chunk p, -inf outside the window;
+    with the key tile and the key rows."""
+    tk = p * C + c
+    ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
+    rel = tk[None, :] - tq[:, None]
+    kt = load(k, b, hv, tk, x, T, HKV, DK)
+    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
+    return tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf")), kt, tk
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Forward
 
@@ -74,12 +87,7 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NC, s
     acc = tl.zeros([C, BD], tl.float32)
     dw = tl.zeros([C], tl.float32)
     for p in range(tl.maximum(n - P, 0), n + 1):
-        tk = p * C + c
-        ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
-        rel = tk[None, :] - tq[:, None]
-        kt = load(k, b, hv, tk, x, T, HKV, DK)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-        s = tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf"))
+        s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
         mt = tl.max(s, 1)
         idx = tl.where(mt > m, tl.argmax(s, 1).to(tl.int32) + p * C, idx)
         mn = tl.maximum(m, mt)
@@ -144,12 +152,8 @@ def _bwd_win_dq(q, k, v, gamma, valid, o, do, den, mx, amax, dq, delta, rsum, dm
     dqa = tl.zeros([C, BK], tl.float32)
     r = tl.zeros([C], tl.float32)
     for p in range(tl.maximum(n - P, 0), n + 1):
-        tk = p * C + c
-        ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
-        rel = tk[None, :] - tq[:, None]
-        kt = load(k, b, hv, tk, x, T, HKV, DK)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-        e = tl.exp(tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf")) - m[:, None])
+        s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
+        e = tl.exp(s - m[:, None])
         vt = load(v, b, hv, tk, d, T, HKV, D)
         ed = e * (tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None])
         r += tl.sum(ed, 1)

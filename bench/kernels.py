@@ -2,7 +2,7 @@
 
     python bench/kernels.py            # full run: B*T = 32768, H = 32, D = F = 128, T in {2K, 8K, 32K}, bf16
     python bench/kernels.py --quick    # smoke run: B*T = 8192, T in {2K, 8K}
-    python bench/kernels.py --variants # also time the kernels' knobs (chunk, blocks, warps, segments) at T = 8K
+    python bench/kernels.py --variants # also time the kernels' knobs (chunk, blocks, warps, state dtype) at T = 8K
 
 1. Correctness: each lincat op in bf16 against its chunked PyTorch form in fp32 (inputs upcast), forward outputs,
    final states and gradients, as ||out - ref|| / ||ref||; with GQA, right padding and an initial state. fla's ops get
@@ -319,7 +319,7 @@ def main():
             "window_linear_attn": (win_k, [("chunk", 128), ("fwd_bd", 64), ("num_warps", 8)]),
             "linear_attn": (la_k, [("chunk", 64), ("o_warps", 4), ("h_block", 128), ("h_stages", 2),
                                    ("states_fp32", True)]),
-            "gla": (gla_k, [("seg_chunks", 1), ("seg_chunks", 16), ("fwd_bd", 128)]),
+            "gla": (gla_k, [("chunk", 128), ("chunk", 32), ("o_warps", 4), ("states_fp32", True)]),
         }
         for op, (mod, kn) in knobs.items():
             if op not in ops:

@@ -6,7 +6,7 @@ interpreter multiplies in exact fp32; we see ~1e-7..1e-6), fp16 inputs 5e-3 (we 
 GPU checks in bench/kernels.py: the interpreter's bf16 tl.dot is wrong (Triton 3.9), whatever the kernel.
 
 Shapes are small and chunks are 16 tokens so that a few dozen tokens already span several chunks (stored chunk
-states, gla's segments) and window bands; the interpreter runs every program in Python, so each case costs seconds.
+states) and window bands; the interpreter runs every program in Python, so each case costs seconds.
 """
 
 import importlib
@@ -141,8 +141,8 @@ def test_window_linear_attn(t, window, h, hkv, hk, dtype):
 
 
 def test_window_linear_attn_states():
-    """Initial state in, final state out (both differentiable), against the chunked PyTorch form; one segment (the
-    kernels handle both states themselves; with several segments, see test_blocks)."""
+    """Initial state in, final state out (both differentiable), against the chunked PyTorch form, over several
+    chunks (with blocks split, see test_blocks)."""
     b, t, h, hkv, d, f, window = 2, 37, 2, 1, 16, 16, 8
     q, k, v, qf, kf, gamma, s0, z0 = tensors(
         1, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, h, f), (b, t, h, f), (h,), (b, h, f, d), (b, h, f),
@@ -218,15 +218,14 @@ def test_linear_attn_states():
 
 
 @pytest.mark.parametrize(
-    "t, h, hk, hv, seg, dtype",
+    "t, h, hk, hv, dtype",
     [
-        (37, 2, 1, 1, 1, torch.float32),  # 3 segments
-        (37, 4, 2, 1, None, torch.float32),  # GQA both ways
-        (37, 2, 1, 1, None, torch.float16),  # fp16 takes the exact path on chunks that decay by more than e^8
+        (37, 2, 1, 1, torch.float32),  # 3 chunks, the last one partial
+        (37, 4, 2, 1, torch.float32),  # GQA both ways
+        (37, 2, 1, 1, torch.float16),  # fp16 takes the exact path on chunks that decay by more than e^8
     ],
 )
-def test_gla(t, h, hk, hv, seg, dtype):
-    gla_k.TUNE.update(seg_chunks=seg)
+def test_gla(t, h, hk, hv, dtype):
     b, d, f = 2, 16, 16
     qf, kf, v, g = tensors(t + 2, (b, t, h, f), (b, t, hk, f), (b, t, hv, d), (b, t, hk, f), positive=(0, 1))
     g = F.logsigmoid(g)
@@ -308,14 +307,14 @@ def test_swa(t, window, n_sinks, h, hkv, dtype):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # block splits: at GPU head sizes the forward splits the value dim and the backward passes the feature and value dims;
-# forced here at small sizes (blocks of 16 over 32), with gla's segments, an initial state and the final state
+# forced here at small sizes (blocks of 16 over 32), with several chunks, an initial state and the final state
 
 
 @pytest.mark.parametrize("op", ["linear_attn", "window_linear_attn", "gla"])
 def test_blocks(op):
     mod = {"linear_attn": la_k, "window_linear_attn": win_k, "gla": gla_k}[op]
     if op == "gla":
-        mod.TUNE.update(seg_chunks=1, fwd_bd=16, bwd_block=16)
+        mod.TUNE.update(h_block=16, o_bd=16, bwd_block=16)
     else:  # the state passes (the Hedgehog op's, for both) and the chunk passes
         la_k.TUNE.update(h_block=16, o_bd=16, bwd_block=16)
         win_k.TUNE.update(fwd_bd=16, bwd_block=16)

@@ -23,9 +23,8 @@ def dot_precision(dtype) -> str:
 
 
 def launch_opts(tune: dict, elems: int, stages: int = 1) -> dict:
-    """Warps and pipeline stages of the gla and swa kernels. Their nested loops are not pipelined by Triton (and the
-    band loops are too short to be), so more stages only spill registers; gla's segment pre-passes stream a plain
-    loop and get 3."""
+    """Warps and pipeline stages of the swa kernels: their band loops are too short for Triton to pipeline, so more
+    stages only spill registers."""
     warps = tune["num_warps"] or (8 if elems >= 128 * 64 else 4)
     return {"num_warps": warps, "num_stages": tune["num_stages"] or stages}
 

@@ -1,17 +1,21 @@
-"""Triton form of gated linear attention (Liger's GLA branch): forward and backward as one autograd Function.
+"""Triton form of gated linear attention (Liger's GLA branch): forward and backward as one autograd Function, in two
+passes, as linear_attn/chunk.py.
 
 S_t = diag(exp(g_t)) S_{t-1} + kf_t v_t^T, o_t = qf_t S_t. Queries come in chunks of C tokens; lg is the in-chunk
-cumulative log gate (<= 0, decreasing). Across chunks the state is carried exactly inside one program:
-S <- exp(lg_C) S + (kf exp(lg_C - lg))^T v. Inside a chunk the pair weights qf_i . (kf_j exp(lg_i - lg_j)) factor as
-(qf exp(lg)) (kf exp(-lg))^T, one matrix product, as long as the chunk's total decay stays below SAFE (exp(-lg) must
-not overflow); a chunk that decays harder takes an exact, slower elementwise path. Both are exact up to rounding.
-
-The forward and the backward's forward-in-time pass (dqf) run one program per (value or feature block, segment,
-batch x query head); the backward-in-time passes (dkf with the gate gradient dg = reverse cumsum of qf dqf - kf dkf,
-and dv) one per (block, segment, batch x state head). Segments start from states that a pre-pass computes
-(per-segment sums, then a scan with the segments' decays). Short segments (4 chunks) keep the serial chain inside a
-program short, which is what bounds these kernels; the Hedgehog and lolcats ops take the limit, one chunk per
-program (linear_attn/chunk.py).
+cumulative log gate (<= 0, decreasing).
+1. A state pass, one program per (feature block, value block, batch x state head), walks the chunks and stores the
+   state entering each one (16-bit for 16-bit inputs), then the final state: S <- exp(lg_C) S + (kf exp(lg_C - lg))^T v.
+   It is the only serial loop.
+2. Every chunk then runs on its own: o = (qf exp(lg)) S_n + A v. Inside a chunk the pair weights
+   qf_i . (kf_j exp(lg_i - lg_j)) factor as (qf exp(lg)) (kf exp(-lg))^T, one matrix product, as long as the chunk's
+   total decay stays below SAFE (exp(-lg) must not overflow); a chunk that decays harder takes an exact, slower
+   elementwise path. Both are exact up to rounding.
+The backward mirrors it: a reverse state pass stores dh_n, the gradient of the state leaving chunk n
+(dh_{n-1} = exp(lg_C) dh_n + (qf exp(lg))^T do over chunk n), then chunk-parallel passes for dqf (with qf dqf for the
+gate gradient), dkf with dg, and dv. The gate gradient is a reverse cumsum over the whole sequence of qf dqf - kf dkf;
+its part from the chunks after n needs no second pass: shifting the log gates of every token after chunk n by e
+scales exactly the terms that pass through the state leaving it, so that part is sum_d S_{n+1} * dh_n (the forward
+state pass stores S_{n+1} anyway, and for the last chunk it is the final state with its gradient).
 """
 
 import torch
@@ -23,13 +27,15 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import batch_to_varlen, varlen_to_batch, varlen_valid
-from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, store
+from ..chunk_utils import check_size, dot_precision, keys_ok, load, p2, store
+from ..linear_attn.chunk import _state_ptrs, fit, h_cfg, o_opts, states_dtype
 
-# Knobs for tests and benchmarks. seg_chunks: chunks per segment (None: 4; on the H100 with 8 state heads 1.1-1.25x
-# faster forward than a cost model that took fewer, longer segments at T = 2K and 8K, 7% slower at 32K, and faster
-# than 1 or 2 everywhere); fwd_bd: value block of the forward; bwd_block: feature / value block of the backward
-# passes and the segment pre-passes.
-TUNE = {"seg_chunks": None, "num_warps": None, "num_stages": None, "fwd_bd": None, "bwd_block": None}
+# Knobs for tests and benchmarks, as linear_attn's TUNE: block, warps and stages of the state passes (h_*); value
+# block and warps of the chunk-parallel passes (o_*); bwd_block, their feature / value block in the backward;
+# states_fp32 keeps 16-bit inputs' chunk states in fp32; chunk, the chunk when the caller gives none (64: the
+# in-chunk decay stays within the factored path's reach for gates down to about -1 per token).
+TUNE = {"h_block": None, "h_warps": None, "h_stages": None, "o_bd": None, "o_warps": None, "bwd_block": None,
+        "states_fp32": False, "chunk": 64}
 
 
 def _safe(dtype) -> float:
@@ -37,6 +43,10 @@ def _safe(dtype) -> float:
     operand dtype's overflow (fp16 tops out at 65504, bf16 / fp32 near 3e38)."""
     return 8.0 if dtype == torch.float16 else 60.0
 
+
+# Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
+# a transposed result are formed transposed instead, and the passes that multiply by S^T load it transposed.
+# Transposing loaded tiles (and tiles computed elementwise from them) is fine.
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton helpers
@@ -127,336 +137,218 @@ def _dk_exact(da_t, qt, g, valid, bi, hk, t0, T, f, lg, c, C: tl.constexpr, HK: 
 
 
 @triton.jit
-def _state_ptr(hs, bi, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-               TRANS: tl.constexpr = False):
-    """States are [B, HK, NSLOT, F, D] fp32; TRANS: the [D, F] view, for passes that multiply by S^T."""
-    base = ((bi * HK + hk) * NSLOT + slot).to(tl.int64)
-    if TRANS:
-        ps, ms = hs + base * F * D + f[None, :] * D + d[:, None], (f[None, :] < F) & (d[:, None] < D)
-    else:
-        ps, ms = hs + base * F * D + f[:, None] * D + d[None, :], (f[:, None] < F) & (d[None, :] < D)
+def _state(hs, b, hk, slot, NSLOT, f, d, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           TRANS: tl.constexpr = False):
+    """Pointers to a [BF, BD] tile of state slot `slot` of [B, HK, NSLOT, F, D] (TRANS: the [BD, BF] view)."""
+    ps, ms, _, _ = _state_ptrs(hs, hs, b, hk, slot, NSLOT, f, d, HK, F, D, TRANS)
     return ps, ms
 
 
-# Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
-# a transposed result are formed transposed instead, and the passes that multiply by S^T carry S^T. Transposing
-# loaded tiles (and tiles computed elementwise from them) is fine.
-
-
 @triton.jit
-def _vec_ptr(hz, bi, hk, slot, NSLOT, f, HK: tl.constexpr, F: tl.constexpr):
-    """Per-feature vectors [B, HK, NSLOT, F] fp32 (log decays, gate-gradient carries)."""
-    return hz + ((bi * HK + hk) * NSLOT + slot).to(tl.int64) * F + f, f < F
+def _state_tile(HK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+    """A state pass program's batch row, state head, feature rows and value columns."""
+    i_bh = tl.program_id(2)
+    return i_bh // HK, i_bh % HK, tl.program_id(0) * BF + tl.arange(0, BF), tl.program_id(1) * BD + tl.arange(0, BD)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Segment pre-passes and the scan that chains segments
+# State passes
 
 
 @triton.jit
-def _seg_kv(kf, v, g, valid, hs, hg, T, SEG, NS,
-            HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Each segment's own state (decayed to its end) and its total log decay."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
+def _fwd_h(kf, v, g, valid, s0, hs, sT, T, NC,
+           HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+           HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+    """hs[n] = the state entering chunk n, hs[NC] = the final state (also to sT in fp32 with STORE_FINAL)."""
+    b, hk, f, d = _state_tile(HK, BF, BD)
     hv = hk // (HK // HV)
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
     c = tl.arange(0, C)
-    acc = tl.zeros([BF, BD], tl.float32)
-    tot = tl.zeros([BF], tl.float32)
-    n0 = i_s * SEG
-    for n in range(n0, tl.minimum(n0 + SEG, tl.cdiv(T, C))):
+    S = tl.zeros([BF, BD], tl.float32)
+    if HAS_H0:  # names apart from the loop's: Triton would carry them through it, with another pointer type
+        p0, m0 = _state(s0, b, hk, 0, 1, f, d, HK, F, D)
+        S = tl.load(p0, mask=m0, other=0.0)
+    for n in range(0, NC):
+        ps, ms = _state(hs, b, hk, n, NC + 1, f, d, HK, F, D)
+        tl.store(ps, S.to(hs.dtype.element_ty), mask=ms)
         t = n * C + c
-        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
-        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = load(v, bi, hv, t, d, T, HV, D)
+        lg, last, ok = _gates(g, valid, b, hk, t, T, f, HK, F, HAS_VALID)
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        vt = load(v, b, hv, t, d, T, HV, D)
         kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
-        acc = acc * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
-        tot += last
-    ps, ms = _state_ptr(hs, bi, hk, i_s, NS, f, d, HK, F, D)
-    tl.store(ps, acc, mask=ms)
-    pg, mg = _vec_ptr(hg, bi, hk, i_s, NS, f, HK, F)
-    tl.store(pg, tot, mask=mg)
+        S = tl.dot(tl.trans(kl), vt, acc=S * tl.exp(last)[:, None], input_precision=PREC)
+    pe, me = _state(hs, b, hk, NC, NC + 1, f, d, HK, F, D)
+    tl.store(pe, S.to(hs.dtype.element_ty), mask=me)
+    if STORE_FINAL:
+        pf, mf = _state(sT, b, hk, 0, 1, f, d, HK, F, D)
+        tl.store(pf, S, mask=mf)
 
 
 @triton.jit
-def _seg_q(qf, do, g, valid, hs, T, SEG, NS, S_OFF,
+def _bwd_h(qf, do, g, valid, dsT, dhs, d0, T, NC,
            H: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Each segment's own reverse state sum_i (qf_i exp(lg_i)) do_i^T, decayed back to its start."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1) + S_OFF, tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+           HAS_DH: tl.constexpr, STORE_D0: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """dhs[n] = the gradient of the state leaving chunk n (dsT for the last); d0, the initial state's."""
+    b, hk, f, d = _state_tile(HK, BF, BD)
     G: tl.constexpr = H // HK
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
     c = tl.arange(0, C)
-    acc = tl.zeros([BF, BD], tl.float32)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for i in range(0, n1 - n0):
-        t = (n1 - 1 - i) * C + c
-        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
-        acc = acc * tl.exp(last)[:, None]
+    dS = tl.zeros([BF, BD], tl.float32)
+    if HAS_DH:  # names apart from the loop's, as in _fwd_h
+        p0, m0 = _state(dsT, b, hk, 0, 1, f, d, HK, F, D)
+        dS = tl.load(p0, mask=m0, other=0.0)
+    for i in range(0, NC):
+        n = NC - 1 - i
+        ps, ms = _state(dhs, b, hk, n, NC, f, d, HK, F, D)
+        tl.store(ps, dS.to(dhs.dtype.element_ty), mask=ms)
+        t = n * C + c
+        lg, last, ok = _gates(g, valid, b, hk, t, T, f, HK, F, HAS_VALID)
+        dS = dS * tl.exp(last)[:, None]
         for gi in range(G):
             h = hk * G + gi
-            qt = load(qf, bi, h, t, f, T, H, F)
-            dot_ = load(do, bi, h, t, d, T, H, D)
-            qd = (qt * tl.exp(lg)).to(dot_.dtype)
-            acc = tl.dot(tl.trans(qd), dot_, acc=acc, input_precision=PREC)
-    ps, ms = _state_ptr(hs, bi, hk, i_s, NS, f, d, HK, F, D)
-    tl.store(ps, acc, mask=ms)
-
-
-@triton.jit
-def _scan(loc, lgs, init, out, NS, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-          BF: tl.constexpr, BD: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr):
-    """out has NS + 1 slots. Forward: out[0] = init, out[s + 1] = exp(G_s) out[s] + loc[s] (states entering each
-    segment, then the final state). Reverse: out[NS] = init, out[s] = exp(G_s) out[s + 1] + loc[s]."""
-    i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
-    f = i_f * BF + tl.arange(0, BF)
-    d = i_d * BD + tl.arange(0, BD)
-    h = tl.zeros([BF, BD], tl.float32)
-    if HAS_INIT:
-        pi, mi = _state_ptr(init, bi, hk, 0, 1, f, d, HK, F, D)
-        h = tl.load(pi, mask=mi, other=0.0)
-    po, mo = _state_ptr(out, bi, hk, NS if REVERSE else 0, NS + 1, f, d, HK, F, D)
-    tl.store(po, h, mask=mo)
-    for i in range(NS):
-        s = NS - 1 - i if REVERSE else i
-        pl, ml = _state_ptr(loc, bi, hk, s, NS, f, d, HK, F, D)
-        pg, mg = _vec_ptr(lgs, bi, hk, s, NS, f, HK, F)
-        h = h * tl.exp(tl.load(pg, mask=mg, other=0.0))[:, None] + tl.load(pl, mask=ml, other=0.0)
-        po, mo = _state_ptr(out, bi, hk, s if REVERSE else s + 1, NS + 1, f, d, HK, F, D)
-        tl.store(po, h, mask=mo)
+            dot_ = load(do, b, h, t, d, T, H, D)
+            qd = (load(qf, b, h, t, f, T, H, F) * tl.exp(lg)).to(dot_.dtype)
+            dS = tl.dot(tl.trans(qd), dot_, acc=dS, input_precision=PREC)
+    if STORE_D0:
+        pd, md = _state(d0, b, hk, 0, 1, f, d, HK, F, D)
+        tl.store(pd, dS, mask=md)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Forward
+# Chunk-parallel passes
 
 
 @triton.jit
-def _fwd(qf, kf, v, g, valid, o, h0, ht, T, SEG, NSLOT,
-         H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-         C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-         HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
-         SAFE: tl.constexpr):
-    """One program per query head, carrying its group's state (a loop over the group's heads would spill)."""
-    i_d, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, h = i_bh // H, i_bh % H
+def _fwd_o(qf, kf, v, g, valid, hs, o, T, NC,
+           H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+           C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+           SAFE: tl.constexpr):
+    """o = (qf exp(lg)) S_n + A v over a value block; BF covers F."""
+    i_d, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     f = tl.arange(0, BF)
     d = i_d * BD + tl.arange(0, BD)
-    causal = c[:, None] >= c[None, :]
-    S = tl.zeros([BF, BD], tl.float32)
-    if HAS_H0:
-        ps, ms = _state_ptr(h0, bi, hk, i_s, NSLOT, f, d, HK, F, D)
-        S = tl.load(ps, mask=ms, other=0.0)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for n in range(n0, n1):
-        t = n * C + c
-        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
-        safe = tl.max(-last, 0) <= SAFE
-        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = load(v, bi, hv, t, d, T, HV, D)
-        Sc = S.to(vt.dtype)
-        qt = load(qf, bi, h, t, f, T, H, F)
-        qd = (qt * tl.exp(lg)).to(vt.dtype)
-        acc = tl.dot(qd, Sc, input_precision=PREC)
-        if safe:
-            kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
-            a = tl.where(causal, tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
-        else:
-            a = _intra_exact(qt, kf, g, valid, bi, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID, False)
-        acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
-        store(o, acc, bi, h, t, d, T, H, D)
-        kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
-        S = S * tl.exp(last)[:, None] + tl.dot(tl.trans(kl), vt, input_precision=PREC)
-    if STORE_FINAL:  # the group's first query head stores the state
-        if h % (H // HK) == 0:
-            ps, ms = _state_ptr(ht, bi, hk, 0, 1, f, d, HK, F, D)
-            tl.store(ps, S, mask=ms)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backward, forward in time: dqf = exp(lg) (do S^T + dA kd) with dA = causal(do v^T). Also qf * dqf summed over the
-# query heads of the state head (fp32), which the gate gradient needs.
+    t = n * C + c
+    lg, last, ok = _gates(g, valid, b, hk, t, T, f, HK, F, HAS_VALID)
+    qt = load(qf, b, h, t, f, T, H, F)
+    vt = load(v, b, hv, t, d, T, HV, D)
+    qd = (qt * tl.exp(lg)).to(vt.dtype)
+    ps, ms = _state(hs, b, hk, n, NC + 1, f, d, HK, F, D)
+    acc = tl.dot(qd, tl.load(ps, mask=ms, other=0.0).to(vt.dtype), input_precision=PREC)
+    if tl.max(-last, 0) <= SAFE:
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+        a = tl.where(c[:, None] >= c[None, :], tl.dot(qd, tl.trans(kd), input_precision=PREC), 0.0)
+    else:
+        a = _intra_exact(qt, kf, g, valid, b, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID, False)
+    acc = tl.dot(a.to(vt.dtype), vt, acc=acc, input_precision=PREC)
+    store(o, acc, b, h, t, d, T, H, D)
 
 
 @triton.jit
-def _bwd_dq(kf, v, g, qf, valid, do, dq, qdq, h0, T, SEG, NSLOT,
+def _bwd_dq(qf, kf, v, g, valid, do, hs, dq, qdq, T, NC,
             H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-            HAS_VALID: tl.constexpr, HAS_H0: tl.constexpr, STORE_QDQ: tl.constexpr, PREC: tl.constexpr,
-            SAFE: tl.constexpr):
-    """One program per query head, carrying S^T; also stores qf * dqf in fp32 for the gate gradient."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, h = i_bh // H, i_bh % H
+            HAS_VALID: tl.constexpr, STORE_QDQ: tl.constexpr, PREC: tl.constexpr, SAFE: tl.constexpr):
+    """dqf = exp(lg) (do S_n^T + dA kd) with dA = causal(do v^T), over a feature block (BD covers D); also qf dqf in
+    fp32, which the gate gradient needs."""
+    i_f, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     f = i_f * BF + tl.arange(0, BF)
     d = tl.arange(0, BD)
-    causal = c[:, None] >= c[None, :]
-    ST = tl.zeros([BD, BF], tl.float32)  # S^T
-    if HAS_H0:
-        ps, ms = _state_ptr(h0, bi, hk, i_s, NSLOT, f, d, HK, F, D, True)
-        ST = tl.load(ps, mask=ms, other=0.0)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for n in range(n0, n1):
-        t = n * C + c
-        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
-        safe = tl.max(-last, 0) <= SAFE
-        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = load(v, bi, hv, t, d, T, HV, D)
-        STc = ST.to(vt.dtype)
-        dot_ = load(do, bi, h, t, d, T, H, D)
-        da = tl.where(causal, tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
-        dqt = tl.dot(dot_, STc, input_precision=PREC)
-        if safe:
-            kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
-            dqt = tl.dot(da.to(kd.dtype), kd, acc=dqt, input_precision=PREC) * tl.exp(lg)
-        else:
-            dqt = dqt * tl.exp(lg) + _dq_exact(da, kf, g, valid, bi, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID)
-        store(dq, dqt, bi, h, t, f, T, H, F)
-        if STORE_QDQ:
-            store(qdq, load(qf, bi, h, t, f, T, H, F).to(tl.float32) * dqt, bi, h, t, f, T, H, F)
-        kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
-        ST = ST * tl.exp(last)[None, :] + tl.dot(tl.trans(vt), kl, input_precision=PREC)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backward, backward in time, as two launches. dS (relative to the end of the current chunk) covers the later chunks:
-# dkf = exp(lg_C - lg) (v dS^T) + exp(-lg) (dA^T qd) over a feature block, carrying dS^T; with it the gate gradient
-# dg = reverse cumsum of qf dqf - kf dkf, carried across chunks. dv = (kf exp(lg_C - lg)) dS + A^T do over a value
-# block, carrying dS. Intra-chunk products are formed transposed, keys by queries.
+    t = n * C + c
+    lg, last, ok = _gates(g, valid, b, hk, t, T, f, HK, F, HAS_VALID)
+    vt = load(v, b, hv, t, d, T, HV, D)
+    dot_ = load(do, b, h, t, d, T, H, D)
+    ps, ms = _state(hs, b, hk, n, NC + 1, f, d, HK, F, D, True)
+    dqt = tl.dot(dot_, tl.load(ps, mask=ms, other=0.0).to(vt.dtype), input_precision=PREC)
+    da = tl.where(c[:, None] >= c[None, :], tl.dot(dot_, tl.trans(vt), input_precision=PREC), 0.0)
+    if tl.max(-last, 0) <= SAFE:
+        kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+        dqt = tl.dot(da.to(kd.dtype), kd, acc=dqt, input_precision=PREC) * tl.exp(lg)
+    else:
+        dqt = dqt * tl.exp(lg) + _dq_exact(da, kf, g, valid, b, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID)
+    store(dq, dqt, b, h, t, f, T, H, F)
+    if STORE_QDQ:
+        store(qdq, load(qf, b, h, t, f, T, H, F).to(tl.float32) * dqt, b, h, t, f, T, H, F)
 
 
 @triton.jit
-def _bwd_dkv(qf, kf, v, g, valid, do, qdq, dk, dv, dg, dh, carry, tot, d0, T, SEG, NSLOT, SLOT0,
+def _bwd_dkv(qf, kf, v, g, valid, do, qdq, hs, dhs, dk, dv, dg, T, NC,
              H: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DK: tl.constexpr,
-             DO_DG: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DH: tl.constexpr, HAS_CARRY: tl.constexpr,
-             STORE_TOT: tl.constexpr, STORE_D0: tl.constexpr, PREC: tl.constexpr, SAFE: tl.constexpr):
-    """DO_DK: program_id(0) is a feature block and BD covers all of D; else a value block and BF covers all of F.
-    One flat loop over (chunk, query head of the group): a chunk's first step takes the state's terms, every step
-    adds one head's, the last one stores (nested loops carrying the accumulators spill registers)."""
-    i_x, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
+             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DK: tl.constexpr, DO_DG: tl.constexpr,
+             HAS_VALID: tl.constexpr, PREC: tl.constexpr, SAFE: tl.constexpr):
+    """Per (block, chunk, batch x state head), summing the group's query heads. DO_DK: over a feature block (BD
+    covers D) dkf = exp(lg_C - lg) (v dh_n^T) + exp(-lg) (dA^T qd), and with DO_DG the gate gradient: the chunk's
+    reverse cumsum of qf dqf - kf dkf plus sum_d S_{n+1} * dh_n. Else over a value block (BF covers F)
+    dv = (kf exp(lg_C - lg)) dh_n + A^T do. Intra-chunk products are formed keys by queries."""
+    i_x, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     hv = hk // (HK // HV)
     c = tl.arange(0, C)
     if DO_DK:
         f = i_x * BF + tl.arange(0, BF)
         d = tl.arange(0, BD)
-        dS = tl.zeros([BD, BF], tl.float32)  # dS^T
-        acc = tl.zeros([C, BF], tl.float32)
     else:
         f = tl.arange(0, BF)
         d = i_x * BD + tl.arange(0, BD)
-        dS = tl.zeros([BF, BD], tl.float32)
-        acc = tl.zeros([C, BD], tl.float32)
+    t = n * C + c
     causal_t = c[:, None] <= c[None, :]  # key row <= query column
-    if HAS_DH:
-        ps, ms = _state_ptr(dh, bi, hk, i_s + SLOT0, NSLOT, f, d, HK, F, D, DO_DK)
-        dS = tl.load(ps, mask=ms, other=0.0)
-    run = tl.zeros([BF], tl.float32)  # sum of the gate gradient's summands over the later tokens
-    if HAS_CARRY:
-        pc, mc = _vec_ptr(carry, bi, hk, 0, 1, f, HK, F)
-        run = tl.load(pc, mask=mc, other=0.0)
-    dki = tl.zeros([C, BF], tl.float32)
-    qsum = tl.zeros([C, BF], tl.float32)
-    n0 = i_s * SEG
-    n1 = tl.minimum(n0 + SEG, tl.cdiv(T, C))
-    for it in range(0, (n1 - n0) * G):
-        gi = it % G
+    lg, last, ok = _gates(g, valid, b, hk, t, T, f, HK, F, HAS_VALID)
+    safe = tl.max(-last, 0) <= SAFE
+    kt = tl.where(ok[:, None], load(kf, b, hk, t, f, T, HK, F), 0.0)
+    vt = load(v, b, hv, t, d, T, HV, D)
+    pd, md = _state(dhs, b, hk, n, NC, f, d, HK, F, D, DO_DK)
+    dh = tl.load(pd, mask=md, other=0.0)
+    if DO_DK:
+        acc = tl.dot(vt, dh.to(vt.dtype), input_precision=PREC) * tl.exp(last[None, :] - lg)
+        dki = tl.zeros([C, BF], tl.float32)
+        qsum = tl.zeros([C, BF], tl.float32)
+    else:
+        acc = tl.dot((kt * tl.exp(last[None, :] - lg)).to(vt.dtype), dh.to(vt.dtype), input_precision=PREC)
+        kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
+    for gi in range(G):
         h = hk * G + gi
-        t0 = (n1 - 1 - it // G) * C
-        t = t0 + c
-        lg, last, ok = _gates(g, valid, bi, hk, t, T, f, HK, F, HAS_VALID)
-        safe = tl.max(-last, 0) <= SAFE
-        kt = tl.where(ok[:, None], load(kf, bi, hk, t, f, T, HK, F), 0.0)
-        vt = load(v, bi, hv, t, d, T, HV, D)
-        if gi == 0:  # the state's terms use dS before this chunk's queries join it
-            if DO_DK:
-                acc = tl.dot(vt, dS.to(vt.dtype), input_precision=PREC) * tl.exp(last[None, :] - lg)
-                dS = dS * tl.exp(last)[None, :]
-            else:
-                kl = (kt * tl.exp(last[None, :] - lg)).to(vt.dtype)
-                acc = tl.dot(kl, dS.to(vt.dtype), input_precision=PREC)
-                dS = dS * tl.exp(last)[:, None]
-            dki = tl.zeros([C, BF], tl.float32)
-            qsum = tl.zeros([C, BF], tl.float32)
-        qt = load(qf, bi, h, t, f, T, H, F)
-        dot_ = load(do, bi, h, t, d, T, H, D)
+        qt = load(qf, b, h, t, f, T, H, F)
+        dot_ = load(do, b, h, t, d, T, H, D)
         qd = (qt * tl.exp(lg)).to(vt.dtype)
         if DO_DK:
             da_t = tl.where(causal_t, tl.dot(vt, tl.trans(dot_), input_precision=PREC), 0.0)
             if safe:
                 dki = tl.dot(da_t.to(qd.dtype), qd, acc=dki, input_precision=PREC)
             else:
-                acc += _dk_exact(da_t, qt, g, valid, bi, hk, t0, T, f, lg, c, C, HK, F, HAS_VALID)
-            dS = tl.dot(tl.trans(dot_), qd, acc=dS, input_precision=PREC)
+                acc += _dk_exact(da_t, qt, g, valid, b, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID)
             if DO_DG:
-                qsum += load(qdq, bi, h, t, f, T, H, F)
-            if gi == G - 1:
-                dkt = tl.where(ok[:, None], acc + dki * tl.exp(tl.minimum(-lg, SAFE)), 0.0)
-                store(dk, dkt, bi, hk, t, f, T, HK, F)
-                if DO_DG:
-                    db = qsum - kt.to(tl.float32) * dkt
-                    dgt = tl.cumsum(db, 0, reverse=True) + run[None, :]
-                    run += tl.sum(db, 0)
-                    store(dg, tl.where(ok[:, None], dgt, 0.0), bi, hk, t, f, T, HK, F)
+                qsum += load(qdq, b, h, t, f, T, H, F)
         else:
             if safe:
-                kd = (kt * tl.exp(tl.minimum(-lg, SAFE))).to(vt.dtype)
                 a_t = tl.where(causal_t, tl.dot(kd, tl.trans(qd), input_precision=PREC), 0.0)
             else:
-                a_t = _intra_exact(qt, kf, g, valid, bi, hk, t0, T, f, lg, c, C, HK, F, HAS_VALID, True)
+                a_t = _intra_exact(qt, kf, g, valid, b, hk, n * C, T, f, lg, c, C, HK, F, HAS_VALID, True)
             acc = tl.dot(a_t.to(vt.dtype), dot_, acc=acc, input_precision=PREC)
-            dS = tl.dot(tl.trans(qd), dot_, acc=dS, input_precision=PREC)
-            if gi == G - 1:
-                store(dv, acc, bi, hk, t, d, T, HK, D)
-    if STORE_TOT:
-        pt, mt = _vec_ptr(tot, bi, hk, i_s, NSLOT - 1, f, HK, F)
-        tl.store(pt, run, mask=mt)
-    if STORE_D0:
-        ps, ms = _state_ptr(d0, bi, hk, 0, 1, f, d, HK, F, D, DO_DK)
-        tl.store(ps, dS, mask=ms)
-
-
-@triton.jit
-def _add_carry(dgl, carry, dg, valid, T, SEG, NS, HK: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
-               BF: tl.constexpr, HAS_VALID: tl.constexpr):
-    """dg of a segment = its own reverse cumsum + the sum over all later segments."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, hk = i_bh // HK, i_bh % HK
-    f = i_f * BF + tl.arange(0, BF)
-    c = tl.arange(0, C)
-    pc, mc = _vec_ptr(carry, bi, hk, i_s, NS, f, HK, F)
-    add = tl.load(pc, mask=mc, other=0.0)
-    n0 = i_s * SEG
-    for n in range(n0, tl.minimum(n0 + SEG, tl.cdiv(T, C))):
-        t = n * C + c
-        ok = keys_ok(valid, bi, t, T, T, HAS_VALID)
-        x = load(dgl, bi, hk, t, f, T, HK, F) + add[None, :]
-        store(dg, tl.where(ok[:, None], x, 0.0), bi, hk, t, f, T, HK, F)
+    if DO_DK:
+        dkt = tl.where(ok[:, None], acc + dki * tl.exp(tl.minimum(-lg, SAFE)), 0.0)
+        store(dk, dkt, b, hk, t, f, T, HK, F)
+        if DO_DG:
+            pn, mn = _state(hs, b, hk, n + 1, NC + 1, f, d, HK, F, D, True)
+            later = tl.sum(tl.load(pn, mask=mn, other=0.0).to(tl.float32) * dh.to(tl.float32), 0)
+            db = qsum - kt.to(tl.float32) * dkt
+            dgt = tl.cumsum(db, 0, reverse=True) + later[None, :]
+            store(dg, tl.where(ok[:, None], dgt, 0.0), b, hk, t, f, T, HK, F)
+    else:
+        store(dv, acc, b, hk, t, d, T, HK, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Host side
-
-
-def _blocks(bf, bd):
-    """Feature / value blocks for the passes that need all of one of them: a state tile beyond 64 x 128 spills."""
-    big = bf * bd > 64 * 128
-    return (max(16, 64 * 128 // bd) if big else bf), (max(16, 64 * 128 // bf) if big else bd)
 
 
 class _GLA(torch.autograd.Function):
@@ -465,154 +357,77 @@ class _GLA(torch.autograd.Function):
         b, t, h, f = qf.shape
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
         c = chunk
-        n = triton.cdiv(t, c)
-        bf, bd_all = p2(f), p2(d)
-        bd = TUNE["fwd_bd"] or _blocks(bf, bd_all)[1]
-        nbd = triton.cdiv(d, bd)
-        seg = TUNE["seg_chunks"] or 4
-        ns = triton.cdiv(n, seg)
+        nc = triton.cdiv(t, c)
         prec = dot_precision(v.dtype)
         vmask = valid if valid is not None else qf
+        hs = torch.empty(b, hk, nc + 1, f, d, device=qf.device, dtype=states_dtype(v.dtype, TUNE))
+        sT = torch.empty(b, hk, f, d, device=qf.device, dtype=torch.float32) if output_final_state else hs
+        bfh, bdh, opts = h_cfg(f, d, TUNE)
+        _fwd_h[(triton.cdiv(f, bfh), triton.cdiv(d, bdh), b * hk)](
+            kf, v, g, vmask, s0 if s0 is not None else hs, hs, sT, t, nc, HK=hk, HV=hv, F=f, D=d, C=c, BF=bfh,
+            BD=bdh, HAS_VALID=valid is not None, HAS_H0=s0 is not None, STORE_FINAL=output_final_state, PREC=prec,
+            **opts)
         o = torch.empty(b, t, h, d, device=qf.device, dtype=v.dtype)
-        common = dict(HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
-
-        h0 = s0.float().contiguous() if s0 is not None else None
-        lgs = None
-        if ns > 1:  # states entering each segment, then the final state (slot ns)
-            h0, lgs = _segment_states_fwd(kf, v, g, valid, h0, t, seg, ns, c, prec, output_final_state)
-        nslot = ns + 1 if ns > 1 else 1
-        store_final = output_final_state and ns == 1
-        ht = torch.empty(b, hk, f, d, device=qf.device, dtype=torch.float32) if store_final else o
-        _fwd[(nbd, ns, b * h)](
-            qf, kf, v, g, vmask, o, h0 if h0 is not None else o, ht, t, seg, nslot, H=h, BF=bf, BD=bd,
-            HAS_H0=h0 is not None, STORE_FINAL=store_final, **common, **launch_opts(TUNE, bf * bd))
-        final = None
-        if output_final_state:
-            final = ht if store_final else h0[:, :, ns].contiguous()
-        ctx.save_for_backward(qf, kf, v, g, valid, h0, lgs, final)
-        ctx.cfg = (c, seg, ns, nslot, None if s0 is None else s0.dtype)
+        bf = p2(f)
+        bd = fit(p2(d), bf, TUNE["o_bd"])
+        _fwd_o[(triton.cdiv(d, bd), nc, b * h)](
+            qf, kf, v, g, vmask, hs, o, t, nc, H=h, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf, BD=bd,
+            HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype), **o_opts(c, bf, bd, TUNE))
+        ctx.save_for_backward(qf, kf, v, g, valid, hs)
+        ctx.cfg = (c, None if s0 is None else s0.dtype)
         ctx.set_materialize_grads(False)
-        return o, final
+        return o, (sT if output_final_state else None)
 
     @staticmethod
-    def backward(ctx, do, dst):
-        qf, kf, v, g, valid, h0, lgs, final = ctx.saved_tensors
-        c, seg, ns, nslot, s0_dtype = ctx.cfg
+    def backward(ctx, do, dsT):
+        qf, kf, v, g, valid, hs = ctx.saved_tensors
+        c, s0_dtype = ctx.cfg
         b, t, h, f = qf.shape
         hk, hv, d = kf.shape[2], v.shape[2], v.shape[-1]
-        bf, bd = p2(f), p2(d)
+        nc = triton.cdiv(t, c)
         prec = dot_precision(v.dtype)
-        dev = qf.device
-        f32 = dict(device=dev, dtype=torch.float32)
+        f32 = dict(device=qf.device, dtype=torch.float32)
         do = v.new_zeros(b, t, h, d) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else qf
-        common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
-        need_dg = ctx.needs_input_grad[3]
+        need_dg, need_d0 = ctx.needs_input_grad[3], s0_dtype is not None and ctx.needs_input_grad[5]
 
+        dhs = torch.empty(b, hk, nc, f, d, device=qf.device, dtype=hs.dtype)
+        d0 = torch.empty(b, hk, f, d, **f32) if need_d0 else dhs
+        bfh, bdh, opts = h_cfg(f, d, TUNE)
+        _bwd_h[(triton.cdiv(f, bfh), triton.cdiv(d, bdh), b * hk)](
+            qf, do, g, vmask, dsT.float().contiguous() if dsT is not None else dhs, dhs, d0, t, nc, H=h, HK=hk, F=f,
+            D=d, C=c, BF=bfh, BD=bdh, HAS_DH=dsT is not None, STORE_D0=need_d0, HAS_VALID=valid is not None,
+            PREC=prec, **opts)
+
+        bf, bd = p2(f), p2(d)
+        common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
         dq = torch.empty_like(qf)
         qdq = torch.empty(b, t, h, f, **f32) if need_dg else dq
-        bf_q = TUNE["bwd_block"] or _blocks(bf, bd)[0]
-        _bwd_dq[(triton.cdiv(f, bf_q), ns, b * h)](
-            kf, v, g, qf, vmask, do, dq, qdq, h0 if h0 is not None else dq, t, seg, nslot, BF=bf_q, BD=bd,
-            HAS_H0=h0 is not None, STORE_QDQ=need_dg, **common, **launch_opts(TUNE, bf_q * bd))
-
-        # reverse states entering each segment (slot s + 1), and the initial state's gradient (slot 0)
-        need_d0 = ctx.needs_input_grad[5]
-        dh = None
-        if ns > 1:
-            dh = _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec, need_d0)
-        elif dst is not None:
-            dh = dst.float().contiguous()
-        store_d0 = need_d0 and ns == 1
-        d0 = torch.empty(b, hk, f, d, **f32) if store_d0 else do
-
-        # the final state's gradient also reaches every gate through the state's decay: sum_d dS_T * S_T
-        extra = None
-        if dst is not None and need_dg:
-            extra = (dst.float() * final).sum(-1).contiguous()
-        carry = extra if ns == 1 else None
-        shared_v = hk != hv
+        bf_q = fit(bf, bd, TUNE["bwd_block"])
+        _bwd_dq[(triton.cdiv(f, bf_q), nc, b * h)](
+            qf, kf, v, g, vmask, do, hs, dq, qdq, t, nc, BF=bf_q, BD=bd, STORE_QDQ=need_dg, **common,
+            **o_opts(c, bf_q, bd, TUNE))
+        shared_v = hk != hv  # several state heads write the same v head: fp32 partials, summed below
         dv = torch.empty(b, t, hk, d, **f32) if shared_v else torch.empty_like(v)
         dk = torch.empty_like(kf)
-        dgl = torch.empty(b, t, hk, f, **f32) if (need_dg and ns > 1) else torch.empty_like(g)
-        tot = torch.empty(b, hk, ns, f, **f32) if (need_dg and ns > 1) else do
-        args = (qf, kf, v, g, vmask, do, qdq, dk, dv, dgl, dh if dh is not None else do,
-                carry if carry is not None else do, tot, d0, t, seg, ns + 1 if ns > 1 else 1, 1 if ns > 1 else 0)
-        flags = dict(HAS_DH=dh is not None, **common)
-        bf_k, bd_v = TUNE["bwd_block"] or min(bf, 64), TUNE["bwd_block"] or min(bd, 64)
-        _bwd_dkv[(triton.cdiv(f, bf_k), ns, b * hk)](
-            *args, BF=bf_k, BD=bd, DO_DK=True, DO_DG=need_dg, HAS_CARRY=carry is not None,
-            STORE_TOT=need_dg and ns > 1, STORE_D0=store_d0, **flags, **launch_opts(TUNE, bf_k * bd))
-        _bwd_dkv[(triton.cdiv(d, bd_v), ns, b * hk)](
-            *args, BF=bf, BD=bd_v, DO_DK=False, DO_DG=False, HAS_CARRY=False, STORE_TOT=False, STORE_D0=False,
-            **flags, **launch_opts(TUNE, bf * bd_v))
+        dg = torch.empty_like(g) if need_dg else None
+        args = (qf, kf, v, g, vmask, do, qdq, hs, dhs, dk, dv, dg if need_dg else dk, t, nc)
+        _bwd_dkv[(triton.cdiv(f, bf_q), nc, b * hk)](
+            *args, BF=bf_q, BD=bd, DO_DK=True, DO_DG=need_dg, **common, **o_opts(c, bf_q, bd, TUNE))
+        bd_v = fit(bd, bf, TUNE["bwd_block"])
+        _bwd_dkv[(triton.cdiv(d, bd_v), nc, b * hk)](
+            *args, BF=bf, BD=bd_v, DO_DK=False, DO_DG=False, **common, **o_opts(c, bf, bd_v, TUNE))
         if shared_v:
             dv = dv.view(b, t, hv, hk // hv, d).sum(3).to(v.dtype)
-
-        dg = None
-        if need_dg:
-            dg = dgl
-            if ns > 1:
-                # each segment's reverse cumsum still lacks the sum over the segments after it
-                after = tot.flip(2).cumsum(2).flip(2)
-                carry_s = torch.zeros_like(tot)
-                carry_s[:, :, :-1] = after[:, :, 1:]
-                if extra is not None:
-                    carry_s += extra[:, :, None]
-                dg = torch.empty_like(g)
-                bf_g = min(bf, 64)
-                _add_carry[(triton.cdiv(f, bf_g), ns, b * hk)](
-                    dgl, carry_s, dg, vmask, t, seg, ns, HK=hk, F=f, C=c, BF=bf_g, HAS_VALID=valid is not None)
-        ds0 = None
-        if need_d0:
-            ds0 = (d0 if store_d0 else dh[:, :, 0]).to(s0_dtype)
+        ds0 = d0.to(s0_dtype) if need_d0 else None
         return dq, dk, dv, dg, None, ds0, None, None
 
 
-def _segment_states_fwd(kf, v, g, valid, s0, t, seg, ns, c, prec, need_final):
-    """States entering each segment (slots 0..ns-1), the final state (slot ns, only when asked for: the last
-    segment's own sum is not needed otherwise), and each segment's total log decay."""
-    b, _, hk, f = kf.shape
-    hv, d = v.shape[2], v.shape[3]
-    bf, bd = p2(f), p2(d)
-    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
-    dev = kf.device
-    loc = torch.zeros(b, hk, ns, f, d, device=dev, dtype=torch.float32)
-    lgs = torch.zeros(b, hk, ns, f, device=dev, dtype=torch.float32)
-    _seg_kv[(triton.cdiv(f, bf_s), ns if need_final else ns - 1, b * hk)](
-        kf, v, g, valid if valid is not None else kf, loc, lgs, t, seg, ns, HK=hk, HV=hv, F=f, D=d, C=c, BF=bf_s,
-        BD=bd, HAS_VALID=valid is not None, PREC=prec, **launch_opts(TUNE, bf_s * bd, 3))
-    return _chain(loc, lgs, s0, reverse=False), lgs
-
-
-def _segment_states_bwd(qf, do, g, valid, lgs, dst, t, seg, ns, c, hk, prec, need_d0):
-    """Reverse states: slot s + 1 enters segment s's reverse pass (covers the later segments, and the final state's
-    gradient); slot 0 is the initial state's gradient (the first segment's own sum is needed only for it)."""
-    b, _, h, f = qf.shape
-    d = do.shape[-1]
-    bf, bd = p2(f), p2(d)
-    bf_s = TUNE["bwd_block"] or (min(bf, 64) if bf * bd > 64 * 128 else bf)
-    first = 0 if need_d0 else 1
-    loc = torch.zeros(b, hk, ns, f, d, device=qf.device, dtype=torch.float32)
-    _seg_q[(triton.cdiv(f, bf_s), ns - first, b * hk)](
-        qf, do, g, valid if valid is not None else qf, loc, t, seg, ns, first, H=h, HK=hk, F=f, D=d, C=c, BF=bf_s,
-        BD=bd, HAS_VALID=valid is not None, PREC=prec, **launch_opts(TUNE, bf_s * bd, 3))
-    return _chain(loc, lgs, None if dst is None else dst.float().contiguous(), reverse=True)
-
-
-def _chain(loc, lgs, init, reverse):
-    b, hk, ns, f, d = loc.shape
-    bf, bd = min(p2(f), 64), min(p2(d), 64)
-    out = torch.empty(b, hk, ns + 1, f, d, device=loc.device, dtype=torch.float32)
-    _scan[(triton.cdiv(f, bf), triton.cdiv(d, bd), b * hk)](
-        loc, lgs, init if init is not None else loc, out, ns, HK=hk, F=f, D=d, BF=bf, BD=bd,
-        HAS_INIT=init is not None, REVERSE=reverse)
-    return out
-
-
-def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None):
+def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=False, chunk_size=None,
+              cu_seqlens=None):
     """Same contract as `chunk_gla_torch`: returns (o [B, T, H, D] in v.dtype, final state S [B, Hk, F, D] fp32 or
     None). g [B, T, Hk, F] are log gates (<= 0), any float dtype. Differentiable in qf, kf, v, g and the initial state.
+    chunk_size: 16, 32, 64 or 128 (None: TUNE["chunk"]); the result does not depend on it.
     cu_seqlens: optional [N + 1] boundaries of N sequences packed along T (B == 1); states are then per sequence
     ([N, ...]). They run as a left-padded batch (a gather and a scatter of the inputs and the output).
     """
@@ -625,7 +440,9 @@ def chunk_gla(qf, kf, v, g, valid=None, initial_state=None, output_final_state=F
     qf, kf = qf.to(dt).contiguous(), kf.to(dt).contiguous()
     v, g = v.contiguous(), g.contiguous()
     check_size(qf, kf, v, g)
-    c = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    # fp32 tiles are twice the bytes: at 128 tokens a chunk's tiles overflow an H100 block's shared memory
+    c = chunk_size if chunk_size in (16, 32, 64, 128) else (TUNE["chunk"] if dt != torch.float32 else 64)
+    s0 = None if initial_state is None else initial_state.float().contiguous()
     vmask = None if valid is None else valid.to(torch.uint8).contiguous()
-    o, final = _GLA.apply(qf, kf, v, g, vmask, initial_state, bool(output_final_state), c)
+    o, final = _GLA.apply(qf, kf, v, g, vmask, s0, bool(output_final_state), c)
     return o, (final if output_final_state else None)

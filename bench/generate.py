@@ -133,6 +133,8 @@ def step_problem(kind, b, shared=False, seed=0):
     st = {}
     if kind in ("hedgehog", "lolcats"):
         st.update(S=r(b, hs, 2 * fh, d), z=torch.rand(b, hs, 2 * fh, device=DEV, generator=g) + 0.5)
+    if kind == "lolcats":  # as the cache allocates it (LolcatsAttention.state_shapes_for)
+        st.update(zticket=torch.zeros(b, hs, dtype=torch.int32, device=DEV))
     if kind == "liger":
         st.update(S=r(b, hkv, d, d))
     if kind != "hedgehog":

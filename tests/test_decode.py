@@ -120,6 +120,8 @@ class Problem:
         st = {}
         if self.kind in ("hedgehog", "lolcats"):
             st.update(S=torch.zeros(b, hs, f, d), z=torch.zeros(b, hs, f))
+        if self.kind == "lolcats":
+            st.update(zticket=torch.zeros(b, hs, dtype=torch.int32))
         if self.kind == "liger":
             st.update(S=torch.zeros(b, hkv, d, d))
         if self.kind != "hedgehog":
@@ -149,7 +151,7 @@ class Problem:
 
 CASES = [  # (kind, shared GQA state, sinks, value splits)
     ("hedgehog", False, 0, None), ("hedgehog", True, 0, None),
-    ("lolcats", False, 0, None), ("lolcats", True, 0, None),
+    ("lolcats", False, 0, None), ("lolcats", True, 0, None), ("lolcats", True, 0, 2), ("lolcats", False, 0, 2),
     ("liger", True, 0, None), ("liger", True, 0, 2),
     ("swa", True, 0, None), ("swa", True, 2, 2),
 ]
@@ -173,6 +175,7 @@ def test_step_decodes_to_reference(kind, shared, sinks, splits, impl, tune):
     assert rel(out, ref) < 1e-5, rel(out, ref)
     assert torch.equal(st["pos"], torch.full((p.b,), p.t))
     assert not st["ticket"].any()
+    assert "zticket" not in st or not st["zticket"].any()
     if kind != "hedgehog":  # the ring holds the last W tokens
         wk, wv, wok = ordered_window(st, st["pos"], p.window)
         assert torch.equal(wk, p.kr[:, -p.window:]) and torch.equal(wok, p.valid[:, -p.window:])

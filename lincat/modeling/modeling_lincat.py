@@ -254,8 +254,10 @@ class LolcatsAttention(HedgehogAttention):
     @classmethod
     def state_shapes_for(cls, spec, b, dtype):
         # one ring slot more than the window: the decode step reads the token leaving the window from one slot while
-        # it writes the new token to another (see cache.py)
-        return {**super().state_shapes_for(spec, b, dtype), **cls._window_shapes(spec, b, dtype, spec.window + 1)}
+        # it writes the new token to another (see cache.py); zticket: the fused step's per-state counter (zero
+        # between steps), which lets few rows split the value dim over programs
+        return {**super().state_shapes_for(spec, b, dtype), **cls._window_shapes(spec, b, dtype, spec.window + 1),
+                "zticket": ((b, spec.state_heads), torch.int32)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
         spec, be = self.spec, self.backend

@@ -21,8 +21,8 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 BUDGET = 8192
-# Knobs for tests and benchmarks: num_warps, bv (value block), splits (value-dim programs for gla/swa), min_bg
-# (smallest query-group tile).
+# Knobs for tests and benchmarks: num_warps, bv (value block), splits (value-dim programs for gla/swa, and lolcats
+# with a zticket), min_bg (smallest query-group tile).
 TUNE = {"num_warps": None, "bv": None, "splits": None, "min_bg": None}
 _SMS: dict = {}
 
@@ -94,18 +94,39 @@ def advance_pos(pos, ticket, b, p, NPROG: tl.constexpr):
 
 
 @triton.jit
-def hedgehog_features(x, w, head, od, of, D: tl.constexpr, FH: tl.constexpr):
-    """phi(x) = (softmax(x W_head), softmax(-x W_head)) for x [BD] fp32 (zeros past D), W [heads, D, FH] (any float
-    dtype); each half [BF], zero past FH."""
-    mf = of < FH
-    wt = tl.load(w + head * (D * FH) + od[:, None] * FH + of[None, :], mask=(od[:, None] < D) & mf[None, :],
-                 other=0.0).to(tl.float32)
-    z = tl.sum(x[:, None] * wt, 0)
-    zp = tl.where(mf, z, float("-inf"))
-    ep = tl.exp(zp - tl.max(zp, 0))
-    zn = tl.where(mf, -z, float("-inf"))
-    en = tl.exp(zn - tl.max(zn, 0))
-    return ep / tl.sum(ep, 0), en / tl.sum(en, 0)
+def group_features(xrow, w, wh0, og, of, D: tl.constexpr, FH: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                   BF: tl.constexpr, BD: tl.constexpr, BDC: tl.constexpr):
+    """phi(x) = (softmax(x W), softmax(-x W)) of G rows x_g = xrow[g * D : (g + 1) * D] (any float dtype), row g
+    under its own W[wh0 + g] of W [heads, D, FH]: ([BG, BF], [BG, BF]) fp32, zero past FH. All rows at once, BDC
+    columns of D at a time: one chain of loads and reductions instead of one per row (a shared state's 4 query heads
+    took 4 in a row), in [BG, BDC, BF] tiles."""
+    mg, mf = og < G, of < FH
+    z = tl.zeros([BG, BF], dtype=tl.float32)
+    for d0 in tl.static_range(0, BD, BDC):
+        cd = d0 + tl.arange(0, BDC)
+        mdc = cd < D
+        xc = tl.load(xrow + og[:, None] * D + cd[None, :], mask=mg[:, None] & mdc[None, :], other=0.0).to(tl.float32)
+        wc = tl.load(w + (wh0 + og[:, None, None]) * (D * FH) + cd[None, :, None] * FH + of[None, None, :],
+                     mask=mg[:, None, None] & mdc[None, :, None] & mf[None, None, :], other=0.0).to(tl.float32)
+        z += tl.sum(xc[:, :, None] * wc, 1)
+    zp = tl.where(mf[None, :], z, float("-inf"))
+    ep = tl.exp(zp - tl.max(zp, 1)[:, None])
+    zn = tl.where(mf[None, :], -z, float("-inf"))
+    en = tl.exp(zn - tl.max(zn, 1)[:, None])
+    return ep / tl.sum(ep, 1)[:, None], en / tl.sum(en, 1)[:, None]
+
+
+@triton.jit
+def row_features(xrow, w, wh, of, D: tl.constexpr, FH: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+                 BDC: tl.constexpr):
+    """group_features of the single row xrow under W[wh]: ([BF], [BF])."""
+    fp, fn = group_features(xrow, w, wh, tl.arange(0, 1), of, D, FH, 1, 1, BF, BD, BDC)
+    return tl.sum(fp, 0), tl.sum(fn, 0)
+
+
+def feature_chunk(bd: int, bg: int, bf: int, budget: int = BUDGET) -> int:
+    """Columns of D per step of group_features, so that its [bg, BDC, bf] tile holds at most `budget` elements."""
+    return max(1, min(bd, budget // (bg * bf)))
 
 
 @triton.jit

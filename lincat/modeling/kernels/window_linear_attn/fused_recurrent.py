@@ -1,7 +1,7 @@
 """Fused Triton decode step of the LoLCATs hybrid (Hedgehog linear attention + sliding-window softmax, one
 normalizer): one launch per layer per token.
 
-One program per (row, state head):
+One program per (row, state head, value split):
 1. the token leaving the window (index pos - W, ring slot (pos - W) % R) goes into the linear state: its key's
    feature map phi(k_old) (computed here from the stored post-RoPE key) and S += phi(k_old) v_old^T, z += phi(k_old);
 2. the new token's key/value are written to ring slot pos % R (by the first state head of each KV head group);
@@ -10,6 +10,9 @@ One program per (row, state head):
    with m the max window score, as torch_recurrent.py does.
 The ring has R = W + 1 slots, so the evicted row (read by every program of the row) and the written row are
 different slots: no program reads what another writes. The new token's row is taken from registers.
+With few rows (batch 1) the value dim is split over programs, each owning its columns of S; they all read z and
+compute the same update, which the last of them to finish writes (a per-state atomic ticket, `zticket`), so no
+program reads a z that another has already moved on.
 
 Matches kernels/step_torch.py:lolcats_step_torch.
 """
@@ -22,37 +25,40 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (BUDGET, TUNE, advance_pos, check_state, contig, group_block, hedgehog_features, p2,
-                           ring_scores, ring_values, sms, value_block)
+from ..fused_utils import (BUDGET, TUNE, advance_pos, check_state, contig, feature_chunk, group_block, group_features,
+                           p2, ring_scores, ring_values, row_features, sms, value_block, value_splits)
 from ..utils import DEN_EPS
 
 
 @triton.jit
-def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, valid, pos, ticket, scale, eps,
+def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, zticket, win_k, win_v, win_valid, o, valid, pos, ticket, scale, eps,
                   W: tl.constexpr, R: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, HKV: tl.constexpr,
                   DK: tl.constexpr, FH: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
-                  BD: tl.constexpr, BF: tl.constexpr, BR: tl.constexpr, BDC: tl.constexpr, BV: tl.constexpr,
-                  HAS_VALID: tl.constexpr):
-    pid = tl.program_id(0)
+                  BD: tl.constexpr, BF: tl.constexpr, BR: tl.constexpr, BDC: tl.constexpr, BFC: tl.constexpr,
+                  BKC: tl.constexpr, BV: tl.constexpr, SPLITS: tl.constexpr, HAS_VALID: tl.constexpr):
+    pid, split = tl.program_id(0), tl.program_id(1)
     b = pid // HS
     hs = pid % HS
     group = HS // HKV
     hkv = hs // group
     writer = (hs % group) == 0
     b64 = b.to(tl.int64)
-    p = tl.load(pos + b)
-    w_slot = p % R
-    e_slot = (p + (R - W)) % R
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     og = tl.arange(0, BG)
+    ov = tl.arange(0, BV)
+    md, mf, mg = od < DK, of < FH, og < G
+    DVS: tl.constexpr = DV // SPLITS  # this program's value columns: [v_lo, v_hi)
+    v_lo = split * DVS
+    v_hi = v_lo + DVS
+    p = tl.load(pos + b)
+    w_slot = p % R
+    e_slot = (p + (R - W)) % R
     # The window is the W newest ring rows, tokens p, p - 1, ..., p - W + 1: gathered by index, so the tiles are
     # W wide rather than the R = W + 1 slots padded to a power of two (twice W), and the evicted slot is never among
     # them. Lanes past W point past the ring (masked).
     jr = tl.arange(0, BR)
     orr = tl.where(jr < W, (p - jr + R) % R, R)
-    ov = tl.arange(0, BV)
-    md, mf, mg = od < DK, of < FH, og < G
     if HAS_VALID:
         ok_new = tl.load(valid + b) != 0
     else:
@@ -60,16 +66,13 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, vali
 
     # 1. the evicted token's features (zero if its slot is empty or padding)
     ok_old = tl.load(win_valid + b64 * R + e_slot) != 0
-    k_old = tl.load(win_k + ((b64 * R + e_slot) * HKV + hkv) * DK + od, mask=md, other=0.0).to(tl.float32)
-    kp, kn = hedgehog_features(k_old, wk, hs, od, of, DK, FH)
+    kp, kn = row_features(win_k + ((b64 * R + e_slot) * HKV + hkv) * DK, wk, hs, of, DK, FH, BF, BD, BKC)
     okf = ok_old.to(tl.float32)
     kp = kp * okf
     kn = kn * okf
     zb = (b64 * HS + hs) * (2 * FH)
     zp = tl.load(Z + zb + of, mask=mf, other=0.0) + kp
     zn = tl.load(Z + zb + FH + of, mask=mf, other=0.0) + kn
-    tl.store(Z + zb + of, zp, mask=mf)
-    tl.store(Z + zb + FH + of, zn, mask=mf)
 
     # 3a. window weights: the ring minus the evicted slot, with the new token in the written slot
     h0 = hs * G
@@ -83,21 +86,14 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, vali
     a = tl.exp(s - m[:, None]) * gam[:, None]
 
     # 3b. linear part: the queries' features
-    qp_all = tl.zeros([BG, BF], dtype=tl.float32)
-    qn_all = tl.zeros([BG, BF], dtype=tl.float32)
-    for g in tl.static_range(G):
-        qx = tl.load(q + (b64 * H + h0 + g) * DK + od, mask=md, other=0.0).to(tl.float32)
-        qp, qn = hedgehog_features(qx, wq, h0 + g, od, of, DK, FH)
-        sel = (og == g)[:, None]
-        qp_all = tl.where(sel, qp[None, :], qp_all)
-        qn_all = tl.where(sel, qn[None, :], qn_all)
+    qp_all, qn_all = group_features(q + (b64 * H + h0) * DK, wq, h0, og, of, DK, FH, G, BG, BF, BD, BFC)
     den = tl.sum(a, 1) + tl.sum(qp_all * zp[None, :], 1) + tl.sum(qn_all * zn[None, :], 1)
     rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
 
     sb = (b64 * HS + hs) * (2 * FH) * DV
-    for v0 in range(0, DV, BV):
+    for v0 in range(v_lo, v_hi, BV):
         cv = v0 + ov
-        mv = cv < DV
+        mv = cv < v_hi
         m2 = mf[:, None] & mv[None, :]
         v_old = tl.load(win_v + ((b64 * R + e_slot) * HKV + hkv) * DV + cv, mask=mv, other=0.0).to(tl.float32)
         ptr_p = S + sb + of[:, None] * DV + cv[None, :]
@@ -107,26 +103,42 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, vali
         tl.store(ptr_p, sp, mask=m2)
         tl.store(ptr_n, sn, mask=m2)
         vw = ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R, HKV, DV)
-        num = tl.sum(a[:, :, None] * vw[None, :, :], 1)
-        num += tl.sum(qp_all[:, :, None] * sp[None, :, :], 1) + tl.sum(qn_all[:, :, None] * sn[None, :, :], 1)
+        if BR == BF:  # one reduction instead of three (the window's rows and the features line up: W = Fh = 64)
+            num = tl.sum(a[:, :, None] * vw[None, :, :] + qp_all[:, :, None] * sp[None, :, :]
+                         + qn_all[:, :, None] * sn[None, :, :], 1)
+        else:
+            num = tl.sum(a[:, :, None] * vw[None, :, :], 1)
+            num += tl.sum(qp_all[:, :, None] * sp[None, :, :], 1) + tl.sum(qn_all[:, :, None] * sn[None, :, :], 1)
         tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], (num * rden[:, None]).to(o.dtype.element_ty),
                  mask=mg[:, None] & mv[None, :])
         # 2. the new value's columns (one writer per KV head)
         vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
-        tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty), mask=tl.where(writer, mv, False))
-    # 2. the new key and its validity
-    mk = tl.where(writer, md, False)
+        tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty),
+                 mask=tl.where(writer, mv, False))
+    # 2. the new key and its validity (by the first split)
+    mk = tl.where(writer & (split == 0), md, False)
     kx = tl.load(k + (b64 * HKV + hkv) * DK + od, mask=mk, other=0.0)
     tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kx.to(win_k.dtype.element_ty), mask=mk)
-    tl.store(win_valid + b64 * R + w_slot, ok_new, mask=hs == 0)
-    advance_pos(pos, ticket, b, p, HS)
+    tl.store(win_valid + b64 * R + w_slot, ok_new, mask=(hs == 0) & (split == 0))
+    # 1. z moves on only once every split of this state has read it: the last one to get here writes it
+    if SPLITS == 1:
+        last = split == 0
+    else:
+        tl.debug_barrier()
+        n = tl.atomic_add(zticket + b64 * HS + hs, 1)
+        last = n == SPLITS - 1
+        tl.store(zticket + b64 * HS + hs, 0, mask=last)
+    mz = tl.where(last, mf, False)
+    tl.store(Z + zb + of, zp, mask=mz)
+    tl.store(Z + zb + FH + of, zn, mask=mz)
+    advance_pos(pos, ticket, b, p, HS * SPLITS)
 
 
 def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=None):
     """qr [B, H, Dk], kr [B, Hkv, Dk] (post-RoPE), v [B, Hkv, Dv]; wq [H, Dk, Fh], wk [Hs, Dk, Fh]; gamma [H];
     state with S [B, Hs, 2Fh, Dv], z [B, Hs, 2Fh] (fp32), win_k / win_v [B, R, Hkv, D], win_valid [B, R] (R > W:
-    the evicted and the written slot must differ),
-    pos [B], ticket [B], all updated in place. Returns o [B, H, Dv]."""
+    the evicted and the written slot must differ), pos [B], ticket [B] and optionally zticket [B, Hs] (int32 zeros:
+    with it, few programs split the value dim), all updated in place. Returns o [B, H, Dv]."""
     qr, kr, v, wq, wk, gamma = contig(qr, kr, v, wq, wk, gamma)
     check_state(state, "S", "z", "win_k", "win_v", "win_valid", "pos", "ticket")
     b, h, dk = qr.shape
@@ -138,23 +150,35 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
                          f"wk {tuple(wk.shape)} S {tuple(state['S'].shape)} ring {ring} window {window} do not fit")
     g = h // hs
     bg, bf, br, bd = group_block(g, 1), p2(fh), p2(window), p2(dk)
+    zticket = state.get("zticket")
     # Launch settings measured on the H100 (8B heads, bench/results/generate.md). Many programs (batch 64: 2048 with a
     # state per query head, 512 shared): 32-column value tiles, 2 warps for 1-row query tiles (1.8x faster than 8
-    # warps over 128 columns), 4 for 4-row tiles. Few (batch 1): 8 warps (1.8x faster than 4 for 1-row tiles) over
-    # 64 columns or more (1.25x faster than 32 for 4-row tiles).
+    # warps over 128 columns), 4 for 4-row tiles. Few (batch 1) with a zticket: the value dim split over programs,
+    # 32 columns and 4 warps each for 1-row tiles (12.5 vs 14.7 us unsplit), 16 and 8 warps for 4-row tiles (19.0 vs
+    # 29.3 us unsplit, which still takes 8 warps over 64+ columns).
     many = b * hs >= 2 * sms(qr.device)
     vb = value_block(dv, max(br, bf), bg)
     if many:
         bv, nw = min(32, vb), 2 if bg == 1 else 4
+    elif zticket is not None:
+        bv, nw = (min(16, vb), 8) if bg > 1 else (min(32, vb), 4)
     else:
         bv, nw = (min(p2(dv), max(64, vb)) if bg <= 4 else vb), 8
     bv, nw = TUNE["bv"] or bv, TUNE["num_warps"] or nw
+    splits = 1
+    if zticket is not None and (TUNE["splits"] or not many):
+        splits = value_splits(dv, bv, b * hs, qr.device)
+        splits = splits if dv % (splits * bv) == 0 else 1
+    # BUDGET-sized temporaries even at 2 warps: they spill there (255 registers, ncu), yet tiles sized to the warps
+    # (32 registers a thread) ran 1.1x (a state per query head) to 1.75x (shared) slower at batch 64 on the H100
     bdc = max(1, min(bd, BUDGET // (bg * br)))
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
-    _lolcats_step[(b * hs,)](
-        qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,
+    _lolcats_step[(b * hs, splits)](
+        qr, kr, v, wq, wk, gamma, state["S"], state["z"], zticket if zticket is not None else state["ticket"],
+        state["win_k"], state["win_v"], state["win_valid"], o,
         valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale), DEN_EPS,
-        W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BD=bd, BF=bf, BR=br, BDC=bdc, BV=bv,
+        W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BD=bd, BF=bf, BR=br, BDC=bdc,
+        BFC=feature_chunk(bd, bg, bf), BKC=feature_chunk(bd, 1, bf), BV=bv, SPLITS=splits,
         HAS_VALID=valid is not None, num_warps=nw,
     )
     return o

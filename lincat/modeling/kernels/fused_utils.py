@@ -81,16 +81,23 @@ def check_state(state: dict, *names):
 
 
 @triton.jit
+def last_to_arrive(counter, NPROG: tl.constexpr):
+    """True in the last of the NPROG programs to get here (an atomic ticket on the int32 `counter`, zero between
+    launches, which that program resets). Every program has done its reads before it takes its ticket, so the last
+    one may overwrite what the others read."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1) == NPROG - 1
+    tl.store(counter, 0, mask=last)
+    return last
+
+
+@triton.jit
 def advance_pos(pos, ticket, b, p, NPROG: tl.constexpr):
     """The last of the NPROG programs of row b to get here writes pos[b] = p + 1 (all have read pos by then)."""
     if NPROG == 1:
         tl.store(pos + b, p + 1)
     else:
-        tl.debug_barrier()
-        n = tl.atomic_add(ticket + b, 1)
-        last = n == NPROG - 1
-        tl.store(pos + b, p + 1, mask=last)
-        tl.store(ticket + b, 0, mask=last)
+        tl.store(pos + b, p + 1, mask=last_to_arrive(ticket + b, NPROG))
 
 
 @triton.jit

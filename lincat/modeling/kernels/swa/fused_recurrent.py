@@ -19,8 +19,8 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (BUDGET, check_state, contig, group_block, p2, ring_scores, ring_values, value_block,
-                           value_splits, warps)
+from ..fused_utils import (BUDGET, check_state, contig, group_block, last_to_arrive, p2, ring_scores, ring_values,
+                           value_block, value_splits, warps)
 from ..utils import DEN_EPS
 
 
@@ -108,11 +108,8 @@ def _swa_step(qr, kr, v, win_k, win_v, win_valid, sink_k, sink_v, sink_pos, sink
         tl.store(sink_pos + b64 * (NS + 1) + nv, p, mask=first & rec)
         tl.store(sink_valid + b64 * (NS + 1) + nv, ok_new, mask=first & rec)
     # the last program of the row: pos (and the sink count) move on; every program has read them by now
-    tl.debug_barrier()
-    ticket_no = tl.atomic_add(ticket + b, 1)
-    last = ticket_no == HKV * NDV - 1
+    last = last_to_arrive(ticket + b, HKV * NDV)
     tl.store(pos + b, p + 1, mask=last)
-    tl.store(ticket + b, 0, mask=last)
     if HAS_SINKS:
         tl.store(n_valid + b, nv + ok_new.to(nv.dtype), mask=last)
 

@@ -26,7 +26,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (BUDGET, TUNE, advance_pos, check_state, contig, feature_chunk, group_block, group_features,
-                           p2, ring_scores, ring_values, row_features, sms, value_block, value_splits)
+                           last_to_arrive, p2, ring_scores, ring_values, row_features, sms, value_block, value_splits)
 from ..utils import DEN_EPS
 
 
@@ -124,10 +124,7 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, zticket, win_k, win_v, win_valid
     if SPLITS == 1:
         last = split == 0
     else:
-        tl.debug_barrier()
-        n = tl.atomic_add(zticket + b64 * HS + hs, 1)
-        last = n == SPLITS - 1
-        tl.store(zticket + b64 * HS + hs, 0, mask=last)
+        last = last_to_arrive(zticket + b64 * HS + hs, SPLITS)
     mz = tl.where(last, mf, False)
     tl.store(Z + zb + of, zp, mask=mz)
     tl.store(Z + zb + FH + of, zn, mask=mz)

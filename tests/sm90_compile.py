@@ -114,10 +114,9 @@ def decode_steps(dtype):
                                   win_valid=torch.zeros(b, r, dtype=torch.bool))
             fused_lolcats_step(q, k, v, wq, wk, torch.rand(h), d ** -0.5, window, {**lin, **ring(window + 1)})
             if b == 1:  # the value dim split over programs (the CPU's one "SM" never asks for it on its own)
-                fused_utils.TUNE["splits"] = 4
-                fused_lolcats_step(q, k, v, wq, wk, torch.rand(h), d ** -0.5, window,
-                                   {**lin, **ring(window + 1), "zticket": torch.zeros(b, hs, dtype=torch.int32)})
-                fused_utils.TUNE["splits"] = None
+                fused_utils.TUNE.update(splits=4, window_programs=h // hkv if hs == h else None)
+                fused_lolcats_step(q, k, v, wq, wk, torch.rand(h), d ** -0.5, window, {**lin, **ring(window + 1)})
+                fused_utils.TUNE.update(splits=None, window_programs=None)
         st = dict(S=torch.zeros(b, hkv, d, d), pos=pos, ticket=ticket, **ring(window))
         fused_liger_step(q, k, q, k, v, 16.0, 0.5, d ** -0.5, st)
         fused_swa_step(q, k, v, d ** -0.5, window, {**ring(window), "pos": pos, "ticket": ticket})

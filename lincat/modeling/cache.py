@@ -6,11 +6,11 @@ sink tokens for swa). It plugs into any transformers `Cache` container: `generat
 layers keep their usual KV layers. `LincatCache` builds the same thing up front.
 
 Positions live on the device. Each layer's state holds `pos` ([B] int64, the tokens each row has consumed, padding
-included) and `ticket` ([B] int32, scratch for the fused kernels; lolcats layers add `zticket` [B, Hs]). Ring slots
-are computed from `pos` on the device, and every update is in place, so a decode step has static shapes and
-addresses and no host syncs: it can be captured in a CUDA graph (see `generation.py`). The Python int `seen` mirrors
-pos for transformers' host-side bookkeeping (`get_seq_length`, mask sizes); eager calls keep it in step, graph
-replays and compiled steps do not (the graph runner sets it afterwards).
+included) and `ticket` ([B] int32, scratch for the fused kernels; lolcats layers add `oticket` [B, Hkv] and
+`opart` [B, H, 2D + 2]). Ring slots are computed from `pos` on the device, and every update is in place, so a
+decode step has static shapes and addresses and no host syncs: it can be captured in a CUDA graph (see
+`generation.py`). The Python int `seen` mirrors pos for transformers' host-side bookkeeping (`get_seq_length`, mask
+sizes); eager calls keep it in step, graph replays and compiled steps do not (the graph runner sets it afterwards).
 
 Ring layout: slot of absolute token index a is a % R, with R = W for swa/liger and R = W + 1 for lolcats. The extra
 lolcats slot lets the fused decode step read the token leaving the window (into the linear state) while it writes

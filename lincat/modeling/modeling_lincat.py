@@ -254,10 +254,12 @@ class LolcatsAttention(HedgehogAttention):
     @classmethod
     def state_shapes_for(cls, spec, b, dtype):
         # one ring slot more than the window: the decode step reads the token leaving the window from one slot while
-        # it writes the new token to another (see cache.py); zticket: the fused step's per-state counter (zero
-        # between steps), which lets few rows split the value dim over programs
+        # it writes the new token to another (see cache.py); oticket / opart: the fused step's per-KV-head counter
+        # (zero between steps) and scratch for the window and linear partial sums (window_linear_attn/
+        # fused_recurrent.py), kept here so that a step allocates nothing
         return {**super().state_shapes_for(spec, b, dtype), **cls._window_shapes(spec, b, dtype, spec.window + 1),
-                "zticket": ((b, spec.state_heads), torch.int32)}
+                "oticket": ((b, spec.num_kv_heads), torch.int32),
+                "opart": ((b, spec.num_heads, 2 * spec.head_dim + 2), torch.float32)}
 
     def attend(self, q, k, v, qr, kr, valid, cache):
         spec, be = self.spec, self.backend

@@ -21,9 +21,9 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 BUDGET = 8192
-# Knobs for tests and benchmarks: num_warps, bv (value block), splits (value-dim programs for gla/swa, and lolcats
-# with a zticket), min_bg (smallest query-group tile).
-TUNE = {"num_warps": None, "bv": None, "splits": None, "min_bg": None}
+# Knobs for tests and benchmarks: num_warps, bv (value block), splits (value-dim programs of gla, swa and lolcats),
+# min_bg (smallest query-group tile), window_programs (lolcats' window programs per KV head).
+TUNE = {"num_warps": None, "bv": None, "splits": None, "min_bg": None, "window_programs": None}
 _SMS: dict = {}
 
 

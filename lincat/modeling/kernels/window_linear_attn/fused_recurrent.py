@@ -15,7 +15,7 @@ launch runs two kinds of program:
 Each writes its partial numerators / denominators to the fp32 scratch `opart`; the last program of the KV head to
 finish (an atomic ticket, `oticket`) adds them up and writes o. In one program (as before), the window's
 temporaries next to the state tiles took 255 registers a thread with spills, and the step 164 us at batch 64 on
-the H100 against 109 us for Hedgehog's step with the same state bytes; apart, 149 us, and 72 instead of 104 us with
+the H100 against 109 us for Hedgehog's step with the same state bytes; apart, 146 us, and 72 instead of 104 us with
 GQA-shared states.
 The ring has R = W + 1 slots, so the evicted row (read by the state programs) and the written row are different
 slots: no program reads what another writes, except the scratch, read by the last one after its ticket.
@@ -158,33 +158,30 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, part
                   BDC: tl.constexpr, BFC: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, BVW: tl.constexpr,
                   BDV: tl.constexpr, SPLITS: tl.constexpr, NW: tl.constexpr, BGN: tl.constexpr,
                   HAS_VALID: tl.constexpr):
-    # Programs of a state head side by side (its splits, then a window slot), so that the latency-bound window
-    # programs run among the memory-bound state programs rather than after them
-    pid = tl.program_id(0)
-    split = pid % (SPLITS + 1)
-    b = pid // ((SPLITS + 1) * HS)
-    hs = (pid // (SPLITS + 1)) % HS
+    # The programs of a KV head side by side, its window programs first: the latency-bound window programs run
+    # among the memory-bound state programs rather than after them
     group: tl.constexpr = HS // HKV
+    PER_KV: tl.constexpr = NW + group * SPLITS
     GW: tl.constexpr = G * group  # query heads of a KV head
-    hkv = hs // group
+    GN: tl.constexpr = GW // NW  # query heads of a window program
+    pid = tl.program_id(0)
+    r = pid % PER_KV
+    hkv = (pid // PER_KV) % HKV
+    b = pid // (PER_KV * HKV)
     b64 = b.to(tl.int64)
     p = tl.load(pos + b)
-    GN: tl.constexpr = GW // NW  # query heads of a window program
-    SPAN: tl.constexpr = group // NW  # state heads per window program: the first of them has it
-    if split == SPLITS:
-        if hs % SPAN == 0:
-            if HAS_VALID:
-                ok_new = tl.load(valid + b) != 0
-            else:
-                ok_new = p >= 0  # True
-            j = (hs % group) // SPAN
-            _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, hkv * GW + j * GN, j == 0, p,
-                         ok_new, scale, W, R, H, HKV, DK, DV, GN, BGN, BD, BR, BDC, BVW)
-            _finish(o, part, oticket, pos, ticket, b, b64, hkv, p, eps, H, HS, HKV, DV, GW, BGW, BDV, SPLITS, NW)
+    if r < NW:
+        if HAS_VALID:
+            ok_new = tl.load(valid + b) != 0
+        else:
+            ok_new = p >= 0  # True
+        _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, hkv * GW + r * GN, r == 0, p, ok_new,
+                     scale, W, R, H, HKV, DK, DV, GN, BGN, BD, BR, BDC, BVW)
     else:
-        _state_part(q, wq, wk, S, Z, win_k, win_v, win_valid, part, b64, hs, hkv, split, (p + (R - W)) % R,
-                    R, H, HS, HKV, DK, FH, DV, G, BG, BD, BF, BFC, BKC, BV, SPLITS)
-        _finish(o, part, oticket, pos, ticket, b, b64, hkv, p, eps, H, HS, HKV, DV, GW, BGW, BDV, SPLITS, NW)
+        hs = hkv * group + (r - NW) // SPLITS
+        _state_part(q, wq, wk, S, Z, win_k, win_v, win_valid, part, b64, hs, hkv, (r - NW) % SPLITS,
+                    (p + (R - W)) % R, R, H, HS, HKV, DK, FH, DV, G, BG, BD, BF, BFC, BKC, BV, SPLITS)
+    _finish(o, part, oticket, pos, ticket, b, b64, hkv, p, eps, H, HS, HKV, DV, GW, BGW, BDV, SPLITS, NW)
 
 
 def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=None):
@@ -211,7 +208,7 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
     bg, bf, br, bd = group_block(g, 1), p2(fh), p2(window), p2(dk)
     # Launch settings measured on the H100 (8B heads: bench/results/generate.md). Many rows (batch 16 and up): one
     # window program per KV head, state programs of 32 value columns (16 for 4-row query tiles) with 2 warps
-    # (1.5x faster than 4 warps for shared states, 1.1x with a state per query head). Few rows (batch 1): the
+    # (1.3x faster than 4 warps for shared states, 1.06x with a state per query head). Few rows (batch 1): the
     # value dim split over 2 (state per query head) or 8 programs, one window program per state head.
     few = b * hs < 2 * sms(qr.device)
     if few:
@@ -229,7 +226,7 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
     gw = h // hkv
     bgw, bgn = p2(gw), p2(gw // n_win)
-    _lolcats_step[(b * hs * (splits + 1),)](
+    _lolcats_step[(b * (hs * splits + hkv * n_win),)](
         qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,
         opart, oticket, valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale),
         DEN_EPS, W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BGW=bgw, BD=bd, BF=bf,

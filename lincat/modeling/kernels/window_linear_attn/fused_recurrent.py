@@ -15,7 +15,7 @@ launch runs two kinds of program:
 Each writes its partial numerators / denominators to the fp32 scratch `opart`; the last program of the KV head to
 finish (an atomic ticket, `oticket`) adds them up and writes o. In one program (as before), the window's
 temporaries next to the state tiles took 255 registers a thread with spills, and the step 164 us at batch 64 on
-the H100 against 109 us for Hedgehog's step with the same state bytes; apart, 146 us, and 72 instead of 104 us with
+the H100 against 109 us for Hedgehog's step with the same state bytes; apart, 140 us, and 72 instead of 104 us with
 GQA-shared states.
 The ring has R = W + 1 slots, so the evicted row (read by the state programs) and the written row are different
 slots: no program reads what another writes, except the scratch, read by the last one after its ticket.
@@ -206,15 +206,16 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
         opart = torch.empty(b, h, 2 * dv + 2, dtype=torch.float32, device=v.device)
     g = h // hs
     bg, bf, br, bd = group_block(g, 1), p2(fh), p2(window), p2(dk)
-    # Launch settings measured on the H100 (8B heads: bench/results/generate.md). Many rows (batch 16 and up): one
-    # window program per KV head, state programs of 32 value columns (16 for 4-row query tiles) with 2 warps
+    # Launch settings measured on the H100 (8B heads: bench/results/generate.md). Many rows (batch 16 and up): two
+    # window programs per KV head where its state heads split evenly (4 state heads: 139.6 us at batch 64, against
+    # 145.7 with one and 160.8 with four), state programs of 32 value columns (16 for 4-row query tiles) with 2 warps
     # (1.3x faster than 4 warps for shared states, 1.06x with a state per query head). Few rows (batch 1): the
     # value dim split over 2 (state per query head) or 8 programs, one window program per state head.
     few = b * hs < 2 * sms(qr.device)
     if few:
         bv, nw, n_win = min(dv, 64 if bg == 1 else 16), 4, hs // hkv
     else:
-        bv, nw, n_win = min(dv, 32 if bg == 1 else 16), 2, 1
+        bv, nw, n_win = min(dv, 32 if bg == 1 else 16), 2, 2 if (hs // hkv) % 2 == 0 else 1
     bv, nw, n_win = TUNE["bv"] or bv, TUNE["num_warps"] or nw, TUNE["window_programs"] or n_win
     if (hs // hkv) % n_win:
         raise ValueError(f"lolcats step: {n_win} window programs per KV head do not divide its {hs // hkv} "

@@ -137,11 +137,12 @@ def feature_chunk(bd: int, bg: int, bf: int, budget: int = BUDGET) -> int:
 
 
 @triton.jit
-def ring_scores(qr, win_k, kr, b64, h0, hkv, og, orr, w_slot, scale,
+def ring_scores(qr, win_k, kr, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale,
                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
                 BG: tl.constexpr, BR: tl.constexpr, BDK: tl.constexpr, BDC: tl.constexpr):
     """Scaled scores [BG, BR] of query heads h0 .. h0 + G - 1 against the ring rows of KV head hkv, with row w_slot
-    taken as the new key kr[b, hkv] (the ring's own row w_slot is never read: another program may be writing it)."""
+    taken as the new key kr[b, hkv] (valid if ok_new; the ring's own row w_slot is never read: another program may
+    be writing it); -inf on empty or padding rows."""
     s = tl.zeros([BG, BR], dtype=tl.float32)
     mg = og < G
     mrow = (orr < R) & (orr != w_slot)
@@ -155,7 +156,9 @@ def ring_scores(qr, win_k, kr, b64, h0, hkv, og, orr, w_slot, scale,
         kn = tl.load(kr + (b64 * HKV + hkv) * DK + cd, mask=mdc, other=0.0).to(tl.float32)
         kc = tl.where((orr == w_slot)[:, None], kn[None, :], kc)
         s += tl.sum(qc[:, None, :] * kc[None, :, :], 2)
-    return s * scale
+    okw = tl.load(win_valid + b64 * R + orr, mask=mrow, other=0) != 0
+    okw = tl.where(orr == w_slot, ok_new, okw)
+    return tl.where(okw[None, :], s * scale, float("-inf"))
 
 
 @triton.jit

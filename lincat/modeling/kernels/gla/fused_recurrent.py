@@ -65,10 +65,8 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
     qf = qe / tl.sum(qe, 1)[:, None]
 
     # window softmax weights over the ring, the new token in its slot
-    s = ring_scores(qr, win_k, kr, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR, BD, BDC)
-    okw = tl.load(win_valid + b64 * R + orr, mask=(orr < R) & (orr != w_slot), other=0) != 0
-    okw = tl.where(orr == w_slot, ok_new, okw)
-    s = tl.where(okw[None, :], s, float("-inf"))
+    s = ring_scores(qr, win_k, kr, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR,
+                    BD, BDC)
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
     e = tl.exp(s - m[:, None])

@@ -50,10 +50,8 @@ def _swa_step(qr, kr, v, win_k, win_v, win_valid, sink_k, sink_v, sink_pos, sink
         ok_new = p >= 0  # True
     h0 = hkv * G
 
-    s = ring_scores(qr, win_k, kr, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR, BD, BDC)
-    okw = tl.load(win_valid + b64 * R + orr, mask=(orr < R) & (orr != w_slot), other=0) != 0
-    okw = tl.where(orr == w_slot, ok_new, okw)
-    s = tl.where(okw[None, :], s, float("-inf"))
+    s = ring_scores(qr, win_k, kr, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR,
+                    BD, BDC)
     m = tl.max(s, 1)
     if HAS_SINKS:
         osn = tl.arange(0, BS)

@@ -55,10 +55,8 @@ def _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, h0, wr
     # them. Lanes past W point past the ring (masked).
     jr = tl.arange(0, BR)
     orr = tl.where(jr < W, (p - jr + R) % R, R)
-    s = ring_scores(q, win_k, k, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, GW, BGW, BR, BD, BDC)
-    okw = tl.load(win_valid + b64 * R + orr, mask=(orr < R) & (orr != w_slot), other=0) != 0
-    okw = tl.where(orr == w_slot, ok_new, okw)
-    s = tl.where(okw[None, :], s, float("-inf"))
+    s = ring_scores(q, win_k, k, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, GW, BGW,
+                    BR, BD, BDC)
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
     gam = tl.load(gamma + h0 + og, mask=mg, other=0.0).to(tl.float32)

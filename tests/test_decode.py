@@ -212,12 +212,20 @@ def test_fused_equals_torch_step(kind, shared, sinks, splits, tune):
 
 
 @needs_triton
-@pytest.mark.parametrize("splits,window_programs", [(None, 4), (2, 1)])
-def test_fused_lolcats_window_programs(splits, window_programs, tune):
-    """lolcats with a state per query head and 4 query heads per KV head, its window over 4 programs (what few rows
-    get on a GPU) or 1 (the other cases take 2), against the PyTorch step."""
+@pytest.mark.parametrize("shared,splits,window_programs", [(False, None, 4), (False, 2, 1), (True, 2, 4),
+                                                            (True, None, 2)])
+def test_fused_lolcats_window_programs(shared, splits, window_programs, tune):
+    """lolcats with 4 query heads per KV head, its window over 4 programs (one per query head: what few rows get on
+    a GPU, also with one state per KV head), 2 or 1, against the PyTorch step."""
     tune.update(splits=splits, bv=4 if splits else None, window_programs=window_programs)
-    fused_matches_torch(Problem("lolcats", shared=False, h=8, hkv=2, d=8, fh=8, window=4, seed=3), 3)
+    fused_matches_torch(Problem("lolcats", shared=shared, h=8, hkv=2, d=8, fh=8, window=4, seed=3), 3)
+
+
+@needs_triton
+def test_fused_lolcats_window_programs_must_divide(tune):
+    tune.update(window_programs=3)
+    with pytest.raises(ValueError, match="3 window programs per KV head do not divide its 4 query heads"):
+        fused_matches_torch(Problem("lolcats", shared=True, h=8, hkv=2, d=8, fh=8, window=4, seed=3), 1)
 
 
 @needs_triton

@@ -131,7 +131,8 @@ def _finish(o, part, oticket, pos, ticket, b, b64, hkv, p, eps, H: tl.constexpr,
             HKV: tl.constexpr, DV: tl.constexpr, GW: tl.constexpr, BGW: tl.constexpr, BDV: tl.constexpr,
             SPLITS: tl.constexpr, NW: tl.constexpr):
     """The last of the KV head's programs (its state heads' splits and its NW window programs) adds up the parts
-    of its GW query heads and writes o; the last of the row's programs moves pos on."""
+    of its GW query heads and writes o; the last of the row's KV heads to finish moves pos on (one atomic per
+    program; the row's ticket only counts the KV heads)."""
     last = last_to_arrive(oticket + b64 * HKV + hkv, (HS // HKV) * SPLITS + NW)
     og, oc = tl.arange(0, BGW), tl.arange(0, BDV)
     mo = tl.where(last, (og < GW)[:, None] & (oc < DV)[None, :], False)
@@ -145,7 +146,8 @@ def _finish(o, part, oticket, pos, ticket, b, b64, hkv, p, eps, H: tl.constexpr,
     rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
     tl.store(o + (b64 * H + hkv * GW + og[:, None]) * DV + oc[None, :], (num * rden[:, None]).to(o.dtype.element_ty),
              mask=mo)
-    advance_pos(pos, ticket, b, p, HS * SPLITS + HKV * NW)
+    if last:  # every program of this KV head has read pos
+        advance_pos(pos, ticket, b, p, HKV)
 
 
 @triton.jit
@@ -208,22 +210,24 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
     # window programs per KV head where its state heads split evenly (4 state heads: 139.6 us at batch 64, against
     # 145.7 with one and 160.8 with four), state programs of 32 value columns (16 for 4-row query tiles) with 2 warps
     # (1.3x faster than 4 warps for shared states, 1.06x with a state per query head). Few rows (batch 1): the
-    # value dim split over 2 (state per query head) or 8 programs, one window program per state head.
+    # value dim split over 2 (state per query head) or 8 programs; one window program per query head while those
+    # of all rows fit in two waves (GQA-shared states: B=1 10.5 us against 20.4 with one per KV head, B=8 22.8
+    # against 26.7; at B=16 one per KV head wins, 29.0 against 32.9).
+    gw = h // hkv  # query heads per KV head
     few = b * hs < 2 * sms(qr.device)
     if few:
-        bv, nw, n_win = min(dv, 64 if bg == 1 else 16), 4, hs // hkv
+        bv, nw = min(dv, 64 if bg == 1 else 16), 4
+        n_win = gw if b * h <= 2 * sms(qr.device) else hs // hkv
     else:
         bv, nw, n_win = min(dv, 32 if bg == 1 else 16), 2, 2 if (hs // hkv) % 2 == 0 else 1
     bv, nw, n_win = TUNE["bv"] or bv, TUNE["num_warps"] or nw, TUNE["window_programs"] or n_win
-    if (hs // hkv) % n_win:
-        raise ValueError(f"lolcats step: {n_win} window programs per KV head do not divide its {hs // hkv} "
-                         "state heads")
+    if gw % n_win:
+        raise ValueError(f"lolcats step: {n_win} window programs per KV head do not divide its {gw} query heads")
     splits = 1
     if TUNE["splits"] or few:
         splits = value_splits(dv, bv, b * hs, qr.device)
         splits = splits if dv % (splits * bv) == 0 else 1
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
-    gw = h // hkv
     bgw, bgn = p2(gw), p2(gw // n_win)
     _lolcats_step[(b * (hs * splits + hkv * n_win),)](
         qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,

@@ -45,6 +45,8 @@ for _m in (chunk_utils, gla_k, la_k, swa_k, win_k):  # shared helpers first, the
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 C = 16  # chunk size
+# as on the GPU (64-token chunks, states 128 tokens apart), a stored lolcats state every two chunks
+win_k.TUNE["state_tokens"] = 2 * C
 
 
 def rel(a, b):
@@ -138,6 +140,27 @@ def test_window_linear_attn(t, window, h, hkv, hk, dtype):
         assert (grads[5] - rgrads[5]).abs().max() < tol * rgrads[0].abs().max()
     else:
         close("dgamma", grads[5], rgrads[5], tol)
+
+
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_window_linear_attn_state_spacing(tokens):
+    """The forward stores one linear state per `tokens` (2 chunks elsewhere in these tests, as on the GPU);
+    the keys between that state and a chunk's band join as older pairs. Any spacing gives the same outputs and
+    gradients; spacings that are not a power of two are refused."""
+    win_k.TUNE["state_tokens"] = tokens
+    b, t, h, d, f, window = 1, 83, 2, 16, 16, 8
+    q, k, v, qf, kf, gamma = tensors(7, (b, t, h, d), (b, t, 1, d), (b, t, 1, d), (b, t, h, f), (b, t, h, f), (h,),
+                                     positive=(3, 4, 5))
+    scale = d**-0.5
+    out, grads, rout, rgrads = run_both(
+        lambda *x: win_k.chunk_window_linear_attn(*x, window, scale, chunk_size=C)[:1],
+        lambda *x: (naive_window_linear_attn(*x, window, scale),), [q, k, v, qf, kf, gamma], torch.float32)
+    close("o", out[0], rout[0], 1e-5)
+    for name, a, r in zip(("dq", "dk", "dv", "dqf", "dkf", "dgamma"), grads, rgrads):
+        close(name, a, r, 1e-5)
+    win_k.TUNE["state_tokens"] = 48
+    with pytest.raises(ValueError, match="must be a power of two"):
+        win_k.chunk_window_linear_attn(q, k, v, qf, kf, gamma, window, scale, chunk_size=C)
 
 
 def test_window_linear_attn_states():

@@ -299,7 +299,8 @@ def bwd_states(qf, do, den, delta, hk, dsT, dzT, c, prec, need_d0, states_like, 
     d = do.shape[-1]
     nc = triton.cdiv(t, c)
     f32 = dict(device=qf.device, dtype=torch.float32)
-    dhs = torch.empty_like(states_like)
+    # states_like gives the dtype: the lolcats op stores fewer forward states than there are chunks
+    dhs = torch.empty(b, hk, nc, f, d, device=qf.device, dtype=states_like.dtype)
     dhz = torch.empty(b, hk, nc, f, **f32)
     d0s = torch.empty(b, hk, f, d, **f32) if need_d0 else dhz
     d0z = torch.empty(b, hk, f, **f32) if need_d0 else dhz

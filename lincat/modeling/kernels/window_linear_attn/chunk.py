@@ -6,9 +6,10 @@ queries of the chunk and comes from the linear state entering the band, h_{n-P} 
 softmax terms keep their own running max (online softmax) because the window max m_i weighs the softmax terms against
 the linear ones: it is part of the function, and its gradient is taken (through the argmax).
 
-Two passes, as in the Hedgehog op (linear_attn/chunk.py), whose state passes this op uses as they are: the chunk
-states are stored first (the only serial loop), then every chunk runs on its own, one program per (value block,
-chunk, batch x query head).
+Two passes, as in the Hedgehog op (linear_attn/chunk.py), whose state passes this op uses as they are: the states
+are stored first (the only serial loop; TUNE["state_tokens"] apart, 128 by default), then every
+chunk runs on its own, one program per (value block, chunk, batch x query head), from the last stored state at or
+before its band, the keys between joining as older pairs.
 Backward: the softmax part needs no state and runs flash-attention style (one program per query chunk for dq, one per
 key chunk and k/v head for dk and its share of dv). The linear part reads the stored states for dqf, and the reverse
 states (dh_m = sum over the queries of chunks after m of qf dnum^T) for dkf and dv: key chunk kc gets them from the
@@ -33,8 +34,11 @@ from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 # Knobs for tests and benchmarks: fwd_bd, value block of the forward (None: all of D while F x D <= 128 x 128, 1.3x
 # faster than 64 on the H100); bwd_block, feature / value block of the linear part's backward; num_warps of the chunk
 # passes; chunk, the chunk when the caller gives none (64: with a 64-token window, a band of two 128-token chunks is
-# 1.8x slower). The state passes' knobs are linear_attn/chunk.py's TUNE.
-TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64}
+# 1.8x slower); state_tokens, tokens between stored linear states, a power of two up to 128 (128 with 64-token
+# chunks: the state pass writes, and the output pass reads, half the states of one per chunk, for one more chunk of
+# older pairs in odd chunks; 1.17x faster forward on the H100). The state passes' knobs are linear_attn/chunk.py's
+# TUNE.
+TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -64,11 +68,11 @@ def _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C: tl.constexpr,
 
 
 @triton.jit
-def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NC, scale, eps,
+def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, scale, eps,
          H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-         C: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+         C: tl.constexpr, RS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
          HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """One program per (value block, chunk, batch x query head)."""
+    """One program per (value block, chunk, batch x query head). The NS stored states are one per RS chunks."""
     i_d, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
@@ -97,15 +101,17 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NC, s
         acc = tl.dot(e.to(vt.dtype), vt, acc=acc * alpha[:, None], input_precision=PREC)
         dw = dw * alpha + tl.sum(e, 1)
         m = mn
-    # the linear state entering the band: every key before it is older than the window for every query here
+    # the last stored linear state at or before the band: every key before the band is older than the window for
+    # every query here, so the keys between that state and the band join as older pairs
     qft = load(qf, b, h, tq, f, T, H, F)
-    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, tl.maximum(n - P, 0), NC, f, d, HK, F, D)
+    js = tl.maximum(n - P, 0) // RS
+    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, js, NS, f, d, HK, F, D)
     S = tl.load(ps, mask=ms, other=0.0).to(qft.dtype)
     z = tl.load(pz, mask=mz, other=0.0)
     acc = tl.dot(qft, S, acc=acc * gm, input_precision=PREC)
     dl = gm * dw + tl.sum(qft.to(tl.float32) * z[None, :], 1)
-    for p in range(tl.maximum(n - P, 0), n + 1):
-        if n * C + C - 1 - p * C >= W:  # some pairs of this band chunk are older than the window
+    for p in range(js * RS, n + 1):
+        if n * C + C - 1 - p * C >= W:  # some pairs of this key chunk are older than the window
             tk = p * C + c
             ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
             kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
@@ -216,11 +222,12 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
 
 
 @triton.jit
-def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NC, eps,
+def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
             H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Linear part of dqf, per (feature block, query chunk, batch x query head): dnum h^T + dden z with the state
-    entering the band, plus the older pairs inside the band."""
+            C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr,
+            PREC: tl.constexpr):
+    """Linear part of dqf, per (feature block, query chunk, batch x query head): dnum h^T + dden z with the
+    forward's stored state (one per RS chunks) at or before the band, plus the older pairs after it."""
     i_f, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
@@ -235,11 +242,12 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NC, eps,
     rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
     dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
     dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
-    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, tl.maximum(n - P, 0), NC, f, d, HK, F, D, True)
+    js = tl.maximum(n - P, 0) // RS
+    ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, js, NS, f, d, HK, F, D, True)
     ST = tl.load(ps, mask=ms, other=0.0).to(dnum.dtype)
     z = tl.load(pz, mask=mz, other=0.0)
     dqt = tl.dot(dnum, ST, input_precision=PREC) + dden[:, None] * z[None, :]
-    for p in range(tl.maximum(n - P, 0), n + 1):
+    for p in range(js * RS, n + 1):
         if n * C + C - 1 - p * C >= W:
             tk = p * C + c
             ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
@@ -320,6 +328,15 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
 # Host side
 
 
+def _state_every(c: int) -> int:
+    """Chunks per stored linear state: TUNE["state_tokens"] apart (at most 128, the state pass's largest chunk),
+    at least one chunk."""
+    n = TUNE["state_tokens"]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"window_linear_attn: TUNE['state_tokens'] = {n} must be a power of two")
+    return max(1, min(n, 128) // c)
+
+
 def _band(window: int, c: int) -> int:
     return math.ceil((window - 1) / c) if window > 1 else 0
 
@@ -342,18 +359,19 @@ class _WindowLinearAttn(torch.autograd.Function):
         dev = q.device
         f32 = dict(device=dev, dtype=torch.float32)
         vmask = valid if valid is not None else q
-        # chunk states over the keys before T - W: the final state leaves out the window
-        hs, hz, final = fwd_states(kf, v, valid, s0, z0, max(t - window, 0), c, prec, output_final_state)
+        # states over the keys before T - W (the final state leaves out the window), one per rs chunks
+        rs = _state_every(c)
+        hs, hz, final = fwd_states(kf, v, valid, s0, z0, max(t - window, 0), c * rs, prec, output_final_state)
         o = torch.empty(b, t, h, d, device=dev, dtype=v.dtype)
         den = torch.empty(b, t, h, **f32)
         mx = torch.empty(b, t, h, **f32)
         amax = torch.empty(b, t, h, device=dev, dtype=torch.int32)
         _fwd[(triton.cdiv(d, bd), nc, b * h)](
-            q, k, v, qf, kf, gamma, vmask, o, den, mx, amax, hs, hz, t, window, p, nc, scale, DEN_EPS,
-            H=h, HKV=hkv, HK=hk, DK=dk, F=f, D=d, C=c, BK=bk, BF=bf, BD=bd,
+            q, k, v, qf, kf, gamma, vmask, o, den, mx, amax, hs, hz, t, window, p, hs.shape[2], scale, DEN_EPS,
+            H=h, HKV=hkv, HK=hk, DK=dk, F=f, D=d, C=c, RS=rs, BK=bk, BF=bf, BD=bd,
             HAS_VALID=valid is not None, PREC=prec, **_opts(c, max(bk, bf), bd))
         ctx.save_for_backward(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz)
-        ctx.cfg = (window, scale, c, p, s0 is not None, None if s0 is None else s0.dtype)
+        ctx.cfg = (window, scale, c, p, rs, s0 is not None, None if s0 is None else s0.dtype)
         ctx.set_materialize_grads(False)
         if not output_final_state:
             return o, None, None
@@ -362,7 +380,7 @@ class _WindowLinearAttn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dst, dzt):
         q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz = ctx.saved_tensors
-        window, scale, c, p, has_s0, s0_dtype = ctx.cfg
+        window, scale, c, p, rs, has_s0, s0_dtype = ctx.cfg
         b, t, h, dk = q.shape
         hkv, hk, f, d = k.shape[2], kf.shape[2], kf.shape[-1], v.shape[-1]
         n = triton.cdiv(t, c)
@@ -391,7 +409,7 @@ class _WindowLinearAttn(torch.autograd.Function):
         dqf = torch.empty_like(qf)
         bf_q = fit(bf, bd, TUNE["bwd_block"])
         _bwd_dq[(triton.cdiv(f, bf_q), n, b * h)](
-            v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, n, DEN_EPS, BF=bf_q, BD=bd, **lin,
+            v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, hs.shape[2], DEN_EPS, RS=rs, BF=bf_q, BD=bd, **lin,
             **_opts(c, bf_q, bd))
         need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, None, None, c, prec, need_d0, hs)

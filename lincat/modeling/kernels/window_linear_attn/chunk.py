@@ -12,8 +12,8 @@ chunk runs on its own, one program per (value block, chunk, batch x query head),
 before its band, the keys between joining as older pairs.
 Backward: the softmax part needs no state and runs flash-attention style (one program per query chunk for dq, one per
 key chunk and k/v head for dk and its share of dv). The linear part reads the stored states for dqf, and the reverse
-states (dh_m = sum over the queries of chunks after m of qf dnum^T) for dkf and dv: key chunk kc gets them from the
-queries past its band's reach, dh_{kc+P}.
+states (dh = sum over the queries after a point of qf dnum^T, stored as far apart as the forward's) for dkf and dv:
+key chunk kc takes the first one past its band's reach, and the query chunks between explicitly, as older pairs.
 """
 
 import math
@@ -260,14 +260,16 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
 
 
 @triton.jit
-def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, NC, eps,
+def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, NC, NS, eps,
              H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-             C: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DKF: tl.constexpr, ADD_DVW: tl.constexpr,
-             HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+             C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DKF: tl.constexpr,
+             ADD_DVW: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Linear part of dkf (DO_DKF: program_id(0) is a feature block, BD covers D) or of dv (else: a value block, BF
     covers F), per key chunk kc and batch x state head. The queries of chunks after kc + P see all of kc as older
-    than their band: their share is the reverse state dh_{kc+P}. The band's own older pairs are added explicitly,
-    formed keys by queries, in one flat loop over (band query chunk, query head of the group).
+    than their band: their share is the reverse state stored at or after them (one per RS chunks: NS of them, the
+    one for the queries from chunk RS * (js + 1) on, js = (kc + P) // RS), and the query chunks between kc + P and
+    that state are added explicitly, as are the band's own older pairs, formed keys by queries, in one flat loop
+    over (query chunk, query head of the group).
     ADD_DVW: one state head per k/v head, so this pass adds the softmax part and stores the final dv."""
     i_x, kc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
@@ -284,7 +286,8 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
         acc = tl.zeros([C, BD], tl.float32)
     tk = kc * C + c
     ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
-    for j in range(0, (P + 1) * G):
+    js = (kc + P) // RS
+    for j in range(0, (RS * (js + 1) - kc) * G):
         qn = kc + j // G
         h = hk * G + j % G
         if (qn < NC) & (qn * C + C - 1 - kc * C >= W):  # some pairs are older than the window
@@ -306,9 +309,8 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
                 kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
                 a_t = tl.where(older_t, tl.dot(kft, tl.trans(qft), input_precision=PREC), 0.0)
                 acc = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc, input_precision=PREC)
-    slot = tl.minimum(kc + P, NC - 1)
-    ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, slot, NC, f, d, HK, F, D, DO_DKF)
-    live = kc + P < NC  # else no query reaches past the band: nothing to add
+    ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, tl.minimum(js, NS - 1), NS, f, d, HK, F, D, DO_DKF)
+    live = js < NS  # else no query reaches past what the loop covered: nothing to add
     if DO_DKF:
         vt = load(v, b, hv, tk, d, T, HKV, D)
         dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(vt.dtype)
@@ -390,7 +392,7 @@ class _WindowLinearAttn(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else q
         win = dict(H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, HAS_VALID=valid is not None, PREC=prec)
-        lin = dict(H=h, HKV=hkv, HK=hk, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec)
+        lin = dict(H=h, HKV=hkv, HK=hk, F=f, D=d, C=c, RS=rs, HAS_VALID=valid is not None, PREC=prec)
 
         # softmax part: dq (and delta, which the linear part needs), then dk and the softmax share of dv
         dq = torch.empty_like(q)
@@ -409,14 +411,14 @@ class _WindowLinearAttn(torch.autograd.Function):
         dqf = torch.empty_like(qf)
         bf_q = fit(bf, bd, TUNE["bwd_block"])
         _bwd_dq[(triton.cdiv(f, bf_q), n, b * h)](
-            v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, hs.shape[2], DEN_EPS, RS=rs, BF=bf_q, BD=bd, **lin,
+            v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, hs.shape[2], DEN_EPS, BF=bf_q, BD=bd, **lin,
             **_opts(c, bf_q, bd))
         need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
-        dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, None, None, c, prec, need_d0, hs)
+        dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, None, None, c * rs, prec, need_d0, hs)
         add_dvw = hk == hkv  # one state head per k/v head: it finishes dv; else fp32 partials summed below
         dv_ = torch.empty_like(v) if add_dvw else torch.empty(b, t, hk, d, **f32)
         dkf = torch.empty_like(kf)
-        args = (qf, kf, v, vmask, do, den, delta, dvw, dkf, dv_, dhs, dhz, t, window, p, n, DEN_EPS)
+        args = (qf, kf, v, vmask, do, den, delta, dvw, dkf, dv_, dhs, dhz, t, window, p, n, dhs.shape[2], DEN_EPS)
         bd_v = fit(bd, bf, TUNE["bwd_block"])
         _bwd_dkv[(triton.cdiv(f, bf_q), n, b * hk)](
             *args, BF=bf_q, BD=bd, DO_DKF=True, ADD_DVW=add_dvw, **lin, **_opts(c, bf_q, bd))

@@ -142,12 +142,13 @@ def test_window_linear_attn(t, window, h, hkv, hk, dtype):
         close("dgamma", grads[5], rgrads[5], tol)
 
 
-@pytest.mark.parametrize("tokens", [16, 64])
-def test_window_linear_attn_state_spacing(tokens):
+@pytest.mark.parametrize("tokens, fuse_dkv", [(16, True), (64, True), (64, False)])
+def test_window_linear_attn_state_spacing(tokens, fuse_dkv):
     """The forward stores one linear state per `tokens` (2 chunks elsewhere in these tests, as on the GPU);
     the keys between that state and a chunk's band join as older pairs. Any spacing gives the same outputs and
-    gradients; spacings that are not a power of two are refused."""
-    win_k.TUNE["state_tokens"] = tokens
+    gradients, with the linear part's dkf and dv in one pass or two; spacings that are not a power of two are
+    refused."""
+    win_k.TUNE.update(state_tokens=tokens, fuse_dkv=fuse_dkv)
     b, t, h, d, f, window = 1, 83, 2, 16, 16, 8
     q, k, v, qf, kf, gamma = tensors(7, (b, t, h, d), (b, t, 1, d), (b, t, 1, d), (b, t, h, f), (b, t, h, f), (h,),
                                      positive=(3, 4, 5))

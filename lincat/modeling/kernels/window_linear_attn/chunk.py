@@ -36,9 +36,11 @@ from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 # passes; chunk, the chunk when the caller gives none (64: with a 64-token window, a band of two 128-token chunks is
 # 1.8x slower); state_tokens, tokens between stored linear states, a power of two up to 128 (128 with 64-token
 # chunks: the state pass writes, and the output pass reads, half the states of one per chunk, for one more chunk of
-# older pairs in odd chunks; 1.18x / 1.09x faster forward / forward+backward on the H100 than 64). The state passes'
-# knobs are linear_attn/chunk.py's TUNE.
-TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128}
+# older pairs in odd chunks; 1.18x / 1.09x faster forward / forward+backward on the H100 than 64); fuse_dkv, the
+# linear part's dkf and dv in one pass (while F x D <= 128 x 128), which reads each query chunk's qf and do once for
+# both (6.45 against 6.51 ms forward+backward at T = 8K). The state passes' knobs are linear_attn/chunk.py's TUNE.
+TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128,
+        "fuse_dkv": True}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,30 +264,32 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
 @triton.jit
 def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, NC, NS, eps,
              H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-             C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DO_DKF: tl.constexpr,
-             ADD_DVW: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Linear part of dkf (DO_DKF: program_id(0) is a feature block, BD covers D) or of dv (else: a value block, BF
-    covers F), per key chunk kc and batch x state head. The queries of chunks after kc + P see all of kc as older
-    than their band: their share is the reverse state stored at or after them (one per RS chunks: NS of them, the
-    one for the queries from chunk RS * (js + 1) on, js = (kc + P) // RS), and the query chunks between kc + P and
-    that state are added explicitly, as are the band's own older pairs, formed keys by queries, in one flat loop
-    over (query chunk, query head of the group).
+             C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DKF: tl.constexpr,
+             DV: tl.constexpr, ADD_DVW: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Linear part of dkf (DKF) and / or of dv (DV), per key chunk kc and batch x state head; with only one of them,
+    program_id(0) is a block of its columns (BF of F for dkf, BD of D for dv) and the other dim is covered whole.
+    The queries of chunks after kc + P see all of kc as older than their band: their share is the reverse state
+    stored at or after them (one per RS chunks: NS of them, the one for the queries from chunk RS * (js + 1) on,
+    js = (kc + P) // RS), and the query chunks between kc + P and that state are added explicitly, as are the
+    band's own older pairs, formed keys by queries, in one flat loop over (query chunk, query head of the group).
     ADD_DVW: one state head per k/v head, so this pass adds the softmax part and stores the final dv."""
     i_x, kc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     hv = hk // (HK // HKV)
     c = tl.arange(0, C)
-    if DO_DKF:
-        f = i_x * BF + tl.arange(0, BF)
-        d = tl.arange(0, BD)
-        acc = tl.zeros([C, BF], tl.float32)
-    else:
-        f = tl.arange(0, BF)
-        d = i_x * BD + tl.arange(0, BD)
-        acc = tl.zeros([C, BD], tl.float32)
+    f = tl.arange(0, BF)
+    d = tl.arange(0, BD)
+    if DKF and not DV:
+        f = i_x * BF + f
+    if DV and not DKF:
+        d = i_x * BD + d
     tk = kc * C + c
     ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
+    vt = load(v, b, hv, tk, d, T, HKV, D)
+    kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
+    acc_k = tl.zeros([C, BF], tl.float32)
+    acc_v = tl.zeros([C, BD], tl.float32)
     js = (kc + P) // RS
     for j in range(0, (RS * (js + 1) - kc) * G):
         qn = kc + j // G
@@ -299,31 +303,30 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
             dn = tl.load(pr, mask=mr, other=1.0)
             rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
             dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
-            if DO_DKF:
-                vt = load(v, b, hv, tk, d, T, HKV, D)
+            if DKF:
                 dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
                 da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
                 da_t = tl.where(older_t, da_t, 0.0).to(qft.dtype)
-                acc = tl.dot(da_t, qft, acc=acc, input_precision=PREC)
-            else:
-                kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
+                acc_k = tl.dot(da_t, qft, acc=acc_k, input_precision=PREC)
+            if DV:
                 a_t = tl.where(older_t, tl.dot(kft, tl.trans(qft), input_precision=PREC), 0.0)
-                acc = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc, input_precision=PREC)
-    ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, tl.minimum(js, NS - 1), NS, f, d, HK, F, D, DO_DKF)
+                acc_v = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc_v, input_precision=PREC)
+    # dkf alone multiplies by dS^T: it loads the [D, F] view rather than transposing
+    ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, tl.minimum(js, NS - 1), NS, f, d, HK, F, D, DKF and not DV)
     live = js < NS  # else no query reaches past what the loop covered: nothing to add
-    if DO_DKF:
-        vt = load(v, b, hv, tk, d, T, HKV, D)
-        dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(vt.dtype)
+    dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(vt.dtype)
+    if DKF:
         dz = tl.where(live, tl.load(pz, mask=mz, other=0.0), 0.0)
-        acc = tl.dot(vt, dS, acc=acc, input_precision=PREC) + dz[None, :]
-        store(dkf, tl.where(ok[:, None], acc, 0.0), b, hk, tk, f, T, HK, F)
-    else:
-        kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
-        dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(kft.dtype)
-        acc = tl.dot(kft, dS, acc=acc, input_precision=PREC)
+        if DV:
+            acc_k = tl.dot(vt, tl.trans(dS), acc=acc_k, input_precision=PREC) + dz[None, :]
+        else:
+            acc_k = tl.dot(vt, dS, acc=acc_k, input_precision=PREC) + dz[None, :]
+        store(dkf, tl.where(ok[:, None], acc_k, 0.0), b, hk, tk, f, T, HK, F)
+    if DV:
+        acc_v = tl.dot(kft, dS, acc=acc_v, input_precision=PREC)
         if ADD_DVW:
-            acc += load(dvw, b, hv, tk, d, T, HKV, D)
-        store(dv, acc, b, hk, tk, d, T, HK, D)
+            acc_v += load(dvw, b, hv, tk, d, T, HKV, D)
+        store(dv, acc_v, b, hk, tk, d, T, HK, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,6 +340,16 @@ def _state_every(c: int) -> int:
     if n < 1 or n & (n - 1):
         raise ValueError(f"window_linear_attn: TUNE['state_tokens'] = {n} must be a power of two")
     return max(1, min(n, 128) // c)
+
+
+def _win_dkv_opts(c: int, bk: int, bd: int, one_query_head: bool) -> dict:
+    """The softmax dk/dv pass keeps two fp32 [C, D] accumulators: at 4 warps they spill (392 bytes of stack a
+    thread). With one query head per k/v head, 8 warps (6.02 against 6.51 ms forward+backward at T = 8K on the
+    H100); with 4 query heads per program (GQA), whose grid is 4x smaller, 4 warps stay faster (5.68 against 5.74)."""
+    opts = _opts(c, bk, bd)
+    if one_query_head and not TUNE["num_warps"]:
+        opts["num_warps"] = 8
+    return opts
 
 
 def _band(window: int, c: int) -> int:
@@ -404,7 +417,7 @@ class _WindowLinearAttn(torch.autograd.Function):
         dk_ = torch.empty_like(k)
         dvw = torch.empty(b, t, hkv, d, **f32)
         _bwd_win_dkv[(n, b * hkv)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw,
-                                   t, window, p, scale, DEN_EPS, **win, **_opts(c, bk, bd))
+                                   t, window, p, scale, DEN_EPS, **win, **_win_dkv_opts(c, bk, bd, h == hkv))
 
         # linear part: dqf from the stored states; dkf and dv from the reverse states (the final state's gradient
         # is added in PyTorch below, so none enters them)
@@ -419,11 +432,15 @@ class _WindowLinearAttn(torch.autograd.Function):
         dv_ = torch.empty_like(v) if add_dvw else torch.empty(b, t, hk, d, **f32)
         dkf = torch.empty_like(kf)
         args = (qf, kf, v, vmask, do, den, delta, dvw, dkf, dv_, dhs, dhz, t, window, p, n, dhs.shape[2], DEN_EPS)
-        bd_v = fit(bd, bf, TUNE["bwd_block"])
-        _bwd_dkv[(triton.cdiv(f, bf_q), n, b * hk)](
-            *args, BF=bf_q, BD=bd, DO_DKF=True, ADD_DVW=add_dvw, **lin, **_opts(c, bf_q, bd))
-        _bwd_dkv[(triton.cdiv(d, bd_v), n, b * hk)](
-            *args, BF=bf, BD=bd_v, DO_DKF=False, ADD_DVW=add_dvw, **lin, **_opts(c, bf, bd_v))
+        if TUNE["fuse_dkv"] and bf * bd <= 128 * 128:
+            _bwd_dkv[(1, n, b * hk)](*args, BF=bf, BD=bd, DKF=True, DV=True, ADD_DVW=add_dvw, **lin,
+                                     **_opts(c, bf, bd))
+        else:
+            bd_v = fit(bd, bf, TUNE["bwd_block"])
+            _bwd_dkv[(triton.cdiv(f, bf_q), n, b * hk)](
+                *args, BF=bf_q, BD=bd, DKF=True, DV=False, ADD_DVW=add_dvw, **lin, **_opts(c, bf_q, bd))
+            _bwd_dkv[(triton.cdiv(d, bd_v), n, b * hk)](
+                *args, BF=bf, BD=bd_v, DKF=False, DV=True, ADD_DVW=add_dvw, **lin, **_opts(c, bf, bd_v))
         if not add_dvw:
             dv_ = (dvw + dv_.view(b, t, hkv, hk // hkv, d).sum(3)).to(v.dtype)
 

@@ -286,10 +286,12 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
         d = i_x * BD + d
     tk = kc * C + c
     ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
-    vt = load(v, b, hv, tk, d, T, HKV, D)
-    kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
-    acc_k = tl.zeros([C, BF], tl.float32)
-    acc_v = tl.zeros([C, BD], tl.float32)
+    if DKF:
+        vt = load(v, b, hv, tk, d, T, HKV, D)
+        acc_k = tl.zeros([C, BF], tl.float32)
+    if DV:
+        kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
+        acc_v = tl.zeros([C, BD], tl.float32)
     js = (kc + P) // RS
     for j in range(0, (RS * (js + 1) - kc) * G):
         qn = kc + j // G
@@ -314,7 +316,7 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
     # dkf alone multiplies by dS^T: it loads the [D, F] view rather than transposing
     ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, tl.minimum(js, NS - 1), NS, f, d, HK, F, D, DKF and not DV)
     live = js < NS  # else no query reaches past what the loop covered: nothing to add
-    dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(vt.dtype)
+    dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(qf.dtype.element_ty)
     if DKF:
         dz = tl.where(live, tl.load(pz, mask=mz, other=0.0), 0.0)
         if DV:

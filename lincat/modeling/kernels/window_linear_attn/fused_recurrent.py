@@ -214,10 +214,11 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
     # of all rows fit in two waves (GQA-shared states: B=1 10.5 us against 20.4 with one per KV head, B=8 22.8
     # against 26.7; at B=16 one per KV head wins, 29.0 against 32.9).
     gw = h // hkv  # query heads per KV head
-    few = b * hs < 2 * sms(qr.device)
+    n_sm = sms(qr.device)
+    few = b * hs < 2 * n_sm
     if few:
         bv, nw = min(dv, 64 if bg == 1 else 16), 4
-        n_win = gw if b * h <= 2 * sms(qr.device) else hs // hkv
+        n_win = gw if b * h <= 2 * n_sm else hs // hkv
     else:
         bv, nw, n_win = min(dv, 32 if bg == 1 else 16), 2, 2 if (hs // hkv) % 2 == 0 else 1
     bv, nw, n_win = TUNE["bv"] or bv, TUNE["num_warps"] or nw, TUNE["window_programs"] or n_win

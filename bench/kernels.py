@@ -42,6 +42,8 @@ from lincat.modeling.kernels.swa import chunk as swa_k  # noqa: E402
 from lincat.modeling.kernels.swa.torch_chunk import chunk_swa_torch  # noqa: E402
 from lincat.modeling.kernels.window_linear_attn import chunk as win_k  # noqa: E402
 from lincat.modeling.kernels.window_linear_attn.torch_chunk import chunk_window_linear_attn_torch  # noqa: E402
+from lincat.modeling.kernels.hedgehog_map.fused import fused_hedgehog_map  # noqa: E402
+from lincat.modeling.kernels.utils import expand_heads, hedgehog_features  # noqa: E402
 
 try:
     from fla.ops.gla import chunk_gla as fla_chunk_gla
@@ -93,11 +95,13 @@ def make_inputs(op, b, t, h, hkv, hk, d, f, dtype, padded=False, init=False):
         x = dict(qf=feats(b, t, h, f), kf=k.softmax(-1), v=r(b, t, hkv, d), g=F.logsigmoid(k) / 16)
     elif op == "swa":
         x = dict(q=r(b, t, h, d), k=r(b, t, hkv, d), v=r(b, t, hkv, d))
+    elif op == "hedgehog_map":  # hkv heads of x (H/4: keys mapped per query head), H weight heads (fp32)
+        x = dict(x=r(b, t, hkv, d), w=r(h, d, f // 2) * d ** -0.5)
     if init and op in ("linear_attn", "window_linear_attn"):  # an fp32 initial state, as prefill after a cache
         x.update(s0=r(b, hk, f, d) * 0.1, z0=torch.rand(b, hk, f, device=DEV) + 0.5)
     elif init and op == "gla":
         x.update(s0=r(b, hk, f, d) * 0.1)
-    x = {n: (v.to(dtype) if n not in ("gamma", "g", "s0", "z0") else v) for n, v in x.items()}
+    x = {n: (v.to(dtype) if n not in ("gamma", "g", "s0", "z0", "w") else v) for n, v in x.items()}
     valid = None
     if padded:  # right padding: every query still sees a key, so the fp32 references stay well conditioned
         valid = torch.ones(b, t, dtype=torch.bool, device=DEV)
@@ -127,6 +131,11 @@ def call(op, impl, x, valid, final=False):
         else:
             o, st = fla_chunk_gla(x["qf"], x["kf"], x["v"], x["g"], scale=1.0, output_final_state=final)
         return (o,) + ((st,) if final else ())
+    if op == "hedgehog_map":
+        if impl == "lincat":
+            return (fused_hedgehog_map(x["x"], x["w"]),)
+        # HedgehogFeatureMap's PyTorch form (fp32), cast to the dtype the kernels read as they do
+        return (hedgehog_features(expand_heads(x["x"], x["w"].shape[0]), x["w"]).to(x["x"].dtype),)
     if op == "swa":
         fn = swa_k.chunk_swa if impl == "lincat" else chunk_swa_torch
         return (fn(x["q"], x["k"], x["v"], WINDOW, scale, valid, None, 64),)
@@ -203,7 +212,7 @@ def bench_op(label, op, impl, b, t, h, hkv, d, f, reps):
             fn = (lambda: fla_linear(x)) if op == "linear_attn" else (lambda: call("gla", "fla", x, None))
         else:
             def fn():
-                return call(op, "lincat", x, None)
+                return call(op, impl, x, None)
     leaves = [v.requires_grad_() for v in x.values()]
     fwd = do_bench(fn, warmup=25, rep=reps, return_mode="median")
     out = fn()[0]
@@ -233,7 +242,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="B*T = 8192, T in {2K, 8K}, fewer checks")
     ap.add_argument("--variants", action="store_true", help="also time the kernels' knobs at T = 8K")
-    ap.add_argument("--ops", default="linear_attn,window_linear_attn,gla,swa")
+    ap.add_argument("--ops", default="linear_attn,window_linear_attn,gla,swa,hedgehog_map")
     ap.add_argument("--no-fla", action="store_true", help="skip fla-core (its kernels autotune on first use)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds; later steps are skipped past it")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.md"))
@@ -284,6 +293,11 @@ def main():
         names += [("lincat gla", "gla", "lincat", h)]
     if "swa" in ops:
         names += [("lincat swa (W=64)", "swa", "lincat", h)]
+    if "hedgehog_map" in ops:  # the feature maps the linear ops read: Triton against HedgehogFeatureMap's PyTorch
+        names += [("lincat hedgehog_map", "hedgehog_map", "lincat", h),
+                  ("PyTorch hedgehog map", "hedgehog_map", "torch", h),
+                  ("lincat hedgehog_map (Hx=H/4)", "hedgehog_map", "lincat", h // 4),
+                  ("PyTorch hedgehog map (Hx=H/4)", "hedgehog_map", "torch", h // 4)]
     names += [("SDPA flash (causal)", None, "sdpa", h)]
     fla_names = []
     if not args.no_fla:
@@ -392,7 +406,7 @@ def report(args, props, rows, timing, variants):
                      f"{100 * gf * 1e9 / BW_PEAK:.0f}% / {100 * gb * 1e9 / BW_PEAK:.0f}% |")
     speed = speedups(timing)
     if speed:
-        lines += ["", "## lincat vs fla (same T; fla time / lincat time; target >= 1.3)", "",
+        lines += ["", "## lincat vs fla (same T; their time / lincat time; target >= 1.3)", "",
                   "| T | pair | fwd | fwd+bwd |", "|---|---|---|---|"] + speed
     if variants:
         lines += ["", "## Knobs (T = 8192)", "", "| kernel | knob | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
@@ -411,7 +425,9 @@ def speedups(timing):
     for t in sorted({t for t, _ in res}):
         for ours, theirs in (("lincat linear_attn", "fla chunk_linear_attn"), ("lincat gla", "fla chunk_gla"),
                              ("lincat window_linear_attn", "fla chunk_linear_attn"),
-                             ("lincat window_linear_attn", "SDPA flash (causal)")):
+                             ("lincat window_linear_attn", "SDPA flash (causal)"),
+                             ("lincat hedgehog_map", "PyTorch hedgehog map"),
+                             ("lincat hedgehog_map (Hx=H/4)", "PyTorch hedgehog map (Hx=H/4)")):
             if (t, ours) in res and (t, theirs) in res:
                 a, b_ = res[(t, ours)], res[(t, theirs)]
                 out.append(f"| {t} | {ours} vs {theirs} | {b_[0] / a[0]:.2f}x | "

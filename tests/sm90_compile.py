@@ -60,6 +60,7 @@ def _compile_only(self, key, signature, device, constexprs, options, attrs, warm
 
 def chunk_ops(dtype):
     from lincat.modeling.kernels.gla import chunk as gla_k
+    from lincat.modeling.kernels.hedgehog_map.fused import fused_hedgehog_map
     from lincat.modeling.kernels.linear_attn import chunk as la_k
     from lincat.modeling.kernels.swa import chunk as swa_k
     from lincat.modeling.kernels.window_linear_attn import chunk as win_k
@@ -81,6 +82,8 @@ def chunk_ops(dtype):
         o, st = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5,
                                                valid, s0, True)
         (o.float().sum() + st[0].sum()).backward()
+        for xh in (q, k):  # Hedgehog's map: one weight head per x head, and 2 per x head (keys, GQA)
+            fused_hedgehog_map(xh, leaf(h, d, f // 2, dt=torch.float32)).float().sum().backward()
         kg = leaf(b, t, hkv, f)
         g = (F.logsigmoid(kg.float()) / 16).detach().requires_grad_()
         o, st = gla_k.chunk_gla(qf[:, :, :h], kg.softmax(-1).to(dtype), v, g, valid,

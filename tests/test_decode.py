@@ -343,8 +343,8 @@ def test_traced_step_replays(kind):
 @needs_triton
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_steps_in_model(kind, monkeypatch):
-    """stories260K decoding with the fused Triton steps (interpreted; the chunked prefill stays in PyTorch) gives
-    the tokens of the eager PyTorch generate."""
+    """stories260K decoding with the fused Triton steps (interpreted; the chunked attention prefill stays in PyTorch,
+    Hedgehog's feature map runs its kernel) gives the tokens of the eager PyTorch generate."""
     for name in ("linear_attn", "window_linear_attn", "gla", "swa"):
         monkeypatch.setitem(ops._TRITON, name, None)
     model = converted(kind)

@@ -22,8 +22,9 @@ pytest.importorskip("triton")
 
 from lincat.modeling import ops  # noqa: E402
 from lincat.modeling.cache import sinks_of, update_sinks  # noqa: E402
-from lincat.modeling.kernels import chunk_utils  # noqa: E402
+from lincat.modeling.kernels import chunk_utils, fused_utils  # noqa: E402
 from lincat.modeling.kernels.gla import chunk as gla_k  # noqa: E402
+from lincat.modeling.kernels.hedgehog_map import fused as hmap_k  # noqa: E402
 from lincat.modeling.kernels.gla.naive import naive_gla  # noqa: E402
 from lincat.modeling.kernels.gla.torch_chunk import chunk_gla_torch  # noqa: E402
 from lincat.modeling.kernels.linear_attn import chunk as la_k  # noqa: E402
@@ -40,7 +41,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run Triton's interpreter on CPU tensors", allow_module_level=True)
 
 # A kernel module imported earlier in this process without the interpreter holds compiled-mode kernels.
-for _m in (chunk_utils, gla_k, la_k, swa_k, win_k):  # shared helpers first, the Hedgehog op before lolcats'
+for _m in (chunk_utils, fused_utils, gla_k, la_k, swa_k, win_k, hmap_k):  # helpers first, Hedgehog before lolcats
     importlib.reload(_m)
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -164,10 +165,11 @@ def test_window_linear_attn_state_spacing(tokens, fuse_dkv):
         win_k.chunk_window_linear_attn(q, k, v, qf, kf, gamma, window, scale, chunk_size=C)
 
 
-def test_window_linear_attn_states():
+@pytest.mark.parametrize("t, window", [(37, 8), (20, 24)])
+def test_window_linear_attn_states(t, window):
     """Initial state in, final state out (both differentiable), against the chunked PyTorch form, over several
-    chunks (with blocks split, see test_blocks)."""
-    b, t, h, hkv, d, f, window = 2, 37, 2, 1, 16, 16, 8
+    chunks (with blocks split, see test_blocks); and with T < W, where the final state is the initial one."""
+    b, h, hkv, d, f = 2, 2, 1, 16, 16
     q, k, v, qf, kf, gamma, s0, z0 = tensors(
         1, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, h, f), (b, t, h, f), (h,), (b, h, f, d), (b, h, f),
         positive=(3, 4, 5, 6, 7))
@@ -186,6 +188,38 @@ def test_window_linear_attn_states():
         close(name, a, r, 1e-5)
     for name, a, r in zip(("dq", "dk", "dv", "dqf", "dkf", "dgamma", "dS0", "dz0"), grads, rgrads):
         close(name, a, r, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hedgehog_map
+
+
+@pytest.mark.parametrize(
+    "t, hx, hw, dtype",
+    [
+        (70, 2, 2, torch.float32),  # rows not a multiple of the tile; two backward programs (partial dW sums)
+        (37, 2, 8, torch.float32),  # GQA: 4 weight heads per x head (dx from a pass over the group)
+        (37, 1, 2, torch.float16),  # 16-bit x: W as two 16-bit parts
+    ],
+)
+def test_hedgehog_map(t, hx, hw, dtype):
+    """phi(x) = [softmax(x W) || softmax(-x W)] and its gradients (x, and W kept in fp32 as the map's parameter is)
+    against float64."""
+    b, d, fh = 2, 16, 8
+    x, w, dphi = tensors(t, (b, t, hx, d), (hw, d, fh), (b, t, hw, 2 * fh))
+    x = x.to(dtype).requires_grad_()
+    w = (w * 0.5).requires_grad_()
+    phi = hmap_k.fused_hedgehog_map(x, w, torch.float32)
+    (phi * dphi).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = torch.einsum("bthd,hdf->bthf", x64.repeat_interleave(hw // hx, 2), w64)
+    ref = torch.cat([z.softmax(-1), (-z).softmax(-1)], -1)
+    (ref * dphi.double()).sum().backward()
+    close("phi", phi, ref, 1e-5)  # fp32-exact logits for 16-bit x too (W in two 16-bit parts)
+    close("dx", x.grad, x64.grad, TOL[dtype])
+    close("dw", w.grad, w64.grad, 1e-5 if dtype == torch.float32 else 1e-3)  # tf32 products for 16-bit x
+    with pytest.raises(ValueError, match="do not fit"):
+        hmap_k.fused_hedgehog_map(x, torch.randn(hw, d + 1, fh))  # head dims differ
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,6 +469,7 @@ def test_ops_dispatch_matches_torch():
         lambda be: ops.window_linear_attn(q, k, v, qf, kf, gamma, window, scale, valid, None, True, C, backend=be),
         lambda be: ops.gla(qf[:, :, :1], kf[:, :, :1], v, g, valid, None, True, backend=be),
         lambda be: (ops.swa(q, k, v, window, scale, valid, None, C, backend=be),),
+        lambda be: (ops.hedgehog_map(k, kf.flatten()[:h * d * f // 2].view(h, d, f // 2), backend=be).float(),),
     ]
     for call in calls:
         ours, ref = call("triton"), call("torch")

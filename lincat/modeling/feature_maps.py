@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from .kernels.utils import hedgehog_features
+
 
 class HedgehogFeatureMap(nn.Module):
     """Hedgehog (arXiv 2402.04347): phi(x) = [softmax(x W_h) || softmax(-x W_h)], one W_h per head.
@@ -22,9 +24,9 @@ class HedgehogFeatureMap(nn.Module):
             self.weight.copy_(torch.eye(d, f, dtype=self.weight.dtype, device=self.weight.device).expand(h, d, f))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H, D] -> [..., H, 2F] (fp32)."""
-        z = torch.einsum("...hd,hdf->...hf", x.float(), self.weight.float())
-        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+        """x [..., H, D] -> [..., H, 2F] (fp32). The attention layers call ops.hedgehog_map with this weight instead
+        (a Triton kernel on GPU, 11x faster forward on the H100 than this PyTorch form: bench/results/kernels.md)."""
+        return hedgehog_features(x, self.weight)
 
 
 def softmax_features(x: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .cache import layer_cache, ordered_window, sinks_of, store_window, update_sinks
 from .configuration_lincat import LayerSpec, LincatConfig
 from .feature_maps import HedgehogFeatureMap, softmax_features
-from .ops import (gla, hedgehog_step, liger_step, linear_attn, lolcats_step, preload_steps, swa, swa_step,
-                  window_linear_attn)
+from .ops import (gla, hedgehog_map, hedgehog_step, liger_step, linear_attn, lolcats_step, preload_steps, swa,
+                  swa_step, window_linear_attn)
 
 MODES = ("student", "teacher", "transfer")
 
@@ -163,11 +163,13 @@ class LincatAttention(nn.Module):
     def state_shapes(self, b: int, dtype) -> dict:
         return self.state_shapes_for(self.spec, b, dtype)
 
-    def _state_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys as the linear state sees them: per KV head when the state is shared, else one per query head."""
-        if self.spec.state_heads == self.num_kv_heads:
-            return x
-        return x.repeat_interleave(self.num_key_value_groups, dim=2)
+    def _q_features(self, qr: torch.Tensor) -> torch.Tensor:
+        return hedgehog_map(qr, self.feature_map_q.weight, backend=self.backend)
+
+    def _k_features(self, kr: torch.Tensor) -> torch.Tensor:
+        """Keys map per state head: per KV head when the state is shared, else one per query head (hedgehog_map
+        reads each KV head for its group of weight heads)."""
+        return hedgehog_map(kr, self.feature_map_k.weight, backend=self.backend)
 
     @staticmethod
     def _window_shapes(spec, b, dtype, ring=None):
@@ -227,7 +229,7 @@ class HedgehogAttention(LincatAttention):
                               None if valid is None else valid[:, 0], backend=be)[:, None]
             cache.advance(1)
             return o
-        qf, kf = self.feature_map_q(qr), self.feature_map_k(self._state_keys(kr))
+        qf, kf = self._q_features(qr), self._k_features(kr)
         if cache is None:
             return linear_attn(qf, kf, v, valid, chunk_size=cs, backend=be)[0]
         st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
@@ -271,16 +273,15 @@ class LolcatsAttention(HedgehogAttention):
                              self.scaling, spec.window, st, None if valid is None else valid[:, 0], backend=be)
             cache.advance(1)
             return o[:, None]
-        qf = self.feature_map_q(qr)
-        phi_k = lambda x: self.feature_map_k(self._state_keys(x))  # noqa: E731
+        qf = self._q_features(qr)
         if cache is None:
-            return window_linear_attn(qr, kr, v, qf, phi_k(kr), gamma, spec.window, self.scaling, valid,
+            return window_linear_attn(qr, kr, v, qf, self._k_features(kr), gamma, spec.window, self.scaling, valid,
                                       chunk_size=spec.chunk_size, backend=be)[0]
         st = cache.ensure(self.state_shapes(q.shape[0], v.dtype), v.device)
         self._begin_chunk(cache)
         n, k_x, v_x, ok_x, q_x, qf_x = self._extend(cache, st, qr, kr, v, valid, qf)
-        o, (s, z) = window_linear_attn(q_x, k_x, v_x, qf_x, phi_k(k_x), gamma, spec.window, self.scaling, ok_x,
-                                       (st["S"], st["z"]), True, spec.chunk_size, backend=be)
+        o, (s, z) = window_linear_attn(q_x, k_x, v_x, qf_x, self._k_features(k_x), gamma, spec.window, self.scaling,
+                                       ok_x, (st["S"], st["z"]), True, spec.chunk_size, backend=be)
         o = o[:, n:]
         st["S"].copy_(s)
         st["z"].copy_(z)

@@ -6,6 +6,7 @@ import os
 import torch
 
 from .kernels.gla.torch_chunk import chunk_gla_torch
+from .kernels.hedgehog_map.naive import naive_hedgehog_map
 from .kernels.linear_attn.torch_chunk import chunk_linear_attn_torch
 from .kernels.step_torch import hedgehog_step_torch, liger_step_torch, lolcats_step_torch, swa_step_torch
 from .kernels.swa.torch_chunk import chunk_swa_torch
@@ -56,6 +57,8 @@ def _import_triton(name: str):
         from .kernels.gla.chunk import chunk_gla as fn
     elif name == "swa":
         from .kernels.swa.chunk import chunk_swa as fn
+    elif name == "hedgehog_map":
+        from .kernels.hedgehog_map.fused import fused_hedgehog_map as fn
     elif name == "hedgehog_step":
         from .kernels.linear_attn.fused_recurrent import fused_hedgehog_step as fn
     elif name == "lolcats_step":
@@ -79,6 +82,12 @@ def _run(name, torch_fn, backend, device, *args, torch_kwargs=None, **kwargs):
         if fn is not None:
             return fn(*args, **kwargs)
     return torch_fn(*args, **kwargs, **(torch_kwargs or {}))
+
+
+def hedgehog_map(x, w, backend=None):
+    """Hedgehog's features of x [B, T, Hx, D] under w [Hw, D, Fh] (weight head j reads x head j // (Hw // Hx)):
+    [B, T, Hw, 2Fh], fp32 in PyTorch, x's dtype from the Triton kernel (what the Triton ops read)."""
+    return _run("hedgehog_map", naive_hedgehog_map, backend, x.device, x, w)
 
 
 def linear_attn(qf, kf, v, valid=None, initial_state=None, output_final_state=False, chunk_size=64, backend=None):

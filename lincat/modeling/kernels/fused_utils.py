@@ -106,7 +106,8 @@ def group_features(xrow, w, wh0, og, of, D: tl.constexpr, FH: tl.constexpr, G: t
     """phi(x) = (softmax(x W), softmax(-x W)) of G rows x_g = xrow[g * D : (g + 1) * D] (any float dtype), row g
     under its own W[wh0 + g] of W [heads, D, FH]: ([BG, BF], [BG, BF]) fp32, zero past FH. All rows at once, BDC
     columns of D at a time: one chain of loads and reductions instead of one per row (a shared state's 4 query heads
-    took 4 in a row), in [BG, BDC, BF] tiles."""
+    took 4 in a row), in [BG, BDC, BF] tiles. W is read by the programs of every row while the states stream
+    through L2: kept there (evict_last; Hedgehog / lolcats steps at batch 64 on the H100 1-3% faster)."""
     mg, mf = og < G, of < FH
     z = tl.zeros([BG, BF], dtype=tl.float32)
     for d0 in tl.static_range(0, BD, BDC):
@@ -114,8 +115,15 @@ def group_features(xrow, w, wh0, og, of, D: tl.constexpr, FH: tl.constexpr, G: t
         mdc = cd < D
         xc = tl.load(xrow + og[:, None] * D + cd[None, :], mask=mg[:, None] & mdc[None, :], other=0.0).to(tl.float32)
         wc = tl.load(w + (wh0 + og[:, None, None]) * (D * FH) + cd[None, :, None] * FH + of[None, None, :],
-                     mask=mg[:, None, None] & mdc[None, :, None] & mf[None, None, :], other=0.0).to(tl.float32)
+                     mask=mg[:, None, None] & mdc[None, :, None] & mf[None, None, :], other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)
         z += tl.sum(xc[:, :, None] * wc, 1)
+    return softmax_pair(z, mf)
+
+
+@triton.jit
+def softmax_pair(z, mf):
+    """Hedgehog's two halves from the logits z [rows, BF]: (softmax(z), softmax(-z)) over the columns where mf."""
     zp = tl.where(mf[None, :], z, float("-inf"))
     ep = tl.exp(zp - tl.max(zp, 1)[:, None])
     zn = tl.where(mf[None, :], -z, float("-inf"))

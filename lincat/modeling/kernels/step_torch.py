@@ -15,13 +15,7 @@ import torch.nn.functional as F
 from ..cache import sinks_of, update_sinks
 from .gla.torch_recurrent import recurrent_gla_torch
 from .linear_attn.torch_recurrent import recurrent_linear_attn_torch
-from .utils import safe_div, safe_softmax_weights
-
-
-def hedgehog_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Hedgehog's map, as HedgehogFeatureMap: x [B, Hw, D] (one head per weight head), w [Hw, D, Fh] -> [B, Hw, 2Fh]."""
-    z = torch.einsum("...hd,hdf->...hf", x.float(), w.float())
-    return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+from .utils import hedgehog_features, safe_div, safe_softmax_weights  # noqa: F401 (re-exported)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

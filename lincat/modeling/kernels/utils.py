@@ -14,6 +14,13 @@ import torch
 DEN_EPS = 1e-30
 
 
+def hedgehog_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Hedgehog's map, as HedgehogFeatureMap (fp32): x [..., Hw, D] (one head per weight head), w [Hw, D, Fh] ->
+    [..., Hw, 2Fh]."""
+    z = torch.einsum("...hd,hdf->...hf", x.float(), w.float())
+    return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den with den [...] broadcast over num's last dim when num has one more dim; rows whose denominator is
     below DEN_EPS (a query that sees no key: padding) give 0 with zero gradient instead of huge values."""

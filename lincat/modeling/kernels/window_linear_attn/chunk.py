@@ -473,7 +473,7 @@ def _final_state_grad(kf, v, valid, dst, dzt, window, dkf, dv, ds0, dz0, need_d0
     dkf[:, :old] += gk.to(dkf.dtype)
     gv = torch.einsum("bthf,bhfd->bthd", okf, dst)
     hv = v.shape[2]
-    gv = gv.view(b, old, hv, hk // hv, -1).sum(3)
+    gv = gv.view(b, old, hv, hk // hv, v.shape[-1]).sum(3)  # old is 0 when T <= W: no -1
     dv = dv.clone()
     dv[:, :old] += gv.to(dv.dtype)
     if need_d0:

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from lincat.modeling import ops  # noqa: E402
 from lincat.modeling.cache import sinks_of, update_sinks  # noqa: E402
-from lincat.modeling.kernels import chunk_utils, fused_utils  # noqa: E402
+from lincat.modeling.kernels import chunk_utils  # noqa: E402
 from lincat.modeling.kernels.gla import chunk as gla_k  # noqa: E402
 from lincat.modeling.kernels.hedgehog_map import fused as hmap_k  # noqa: E402
 from lincat.modeling.kernels.gla.naive import naive_gla  # noqa: E402
@@ -41,7 +41,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run Triton's interpreter on CPU tensors", allow_module_level=True)
 
 # A kernel module imported earlier in this process without the interpreter holds compiled-mode kernels.
-for _m in (chunk_utils, fused_utils, gla_k, la_k, swa_k, win_k, hmap_k):  # helpers first, Hedgehog before lolcats
+# (not fused_utils: test_decode reloads it and the decode steps with it, and holds its TUNE)
+for _m in (chunk_utils, gla_k, la_k, swa_k, win_k, hmap_k):  # helpers first, Hedgehog before lolcats
     importlib.reload(_m)
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}

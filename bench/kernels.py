@@ -24,6 +24,9 @@ import types
 import torch
 import torch.nn.functional as F
 
+# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
+# imports it (and stub out lincat)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 if "lincat" not in sys.modules:  # the kernels only: skip lincat/__init__.py, which loads transformers and training

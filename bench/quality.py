@@ -11,6 +11,7 @@ small trained deltas this script packs into --out (the device has no lm-eval; se
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
+# imports it (and stub out lincat)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lincat.eval.passkey import passkey_accuracy  # noqa: E402

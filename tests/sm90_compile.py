@@ -82,8 +82,9 @@ def chunk_ops(dtype):
         o, st = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5,
                                                valid, s0, True)
         (o.float().sum() + st[0].sum()).backward()
-        for xh in (q, k):  # Hedgehog's map: one weight head per x head, and 2 per x head (keys, GQA)
-            fused_hedgehog_map(xh, leaf(h, d, f // 2, dt=torch.float32)).float().sum().backward()
+        # Hedgehog's map: one weight head per x head, 2 per x head (keys, GQA), and 256 features (feature_dim 128)
+        for xh, fh in ((q, f // 2), (k, f // 2), (k, f)):
+            fused_hedgehog_map(xh, leaf(h, d, fh, dt=torch.float32)).float().sum().backward()
         kg = leaf(b, t, hkv, f)
         g = (F.logsigmoid(kg.float()) / 16).detach().requires_grad_()
         o, st = gla_k.chunk_gla(qf[:, :, :h], kg.softmax(-1).to(dtype), v, g, valid,

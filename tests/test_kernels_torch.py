@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lincat.modeling.kernels.gla.naive import naive_gla
 from lincat.modeling.kernels.gla.torch_chunk import chunk_gla_torch
 from lincat.modeling.kernels.gla.torch_recurrent import recurrent_gla_torch
+from lincat.modeling.kernels.hedgehog_map.naive import naive_hedgehog_map
 from lincat.modeling.kernels.linear_attn.naive import naive_linear_attn
 from lincat.modeling.kernels.linear_attn.torch_chunk import chunk_linear_attn_torch
 from lincat.modeling.kernels.linear_attn.torch_recurrent import recurrent_linear_attn_torch
@@ -183,3 +184,20 @@ def test_chunk_size_goes_to_the_pytorch_form_only(monkeypatch):
     assert len(seen["args"]) == 11 and not seen["kwargs"]
     o, _ = ops.linear_attn(qf, kf, v, chunk_size=2, backend="torch")  # chunk 2 over 5 tokens: still exact
     torch.testing.assert_close(o, naive_linear_attn(qf, kf, v))
+
+
+def test_hedgehog_map_wide_heads_use_pytorch(monkeypatch):
+    """Head or feature dims over 128 (what the Triton map's tiles are sized for) take the PyTorch form whatever the
+    backend; narrower ones go to the kernel."""
+    from lincat.modeling import ops
+
+    def kernel(*args):
+        raise AssertionError("the Triton map was called")
+
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setattr(ops, "_triton_kernel", lambda name: kernel)
+    for d, fh in ((160, 8), (16, 160)):
+        x, w = torch.randn(1, 3, 1, d), torch.randn(2, d, fh)  # GQA: 2 weight heads on one x head
+        torch.testing.assert_close(ops.hedgehog_map(x, w, backend="triton"), naive_hedgehog_map(x, w))
+    with pytest.raises(AssertionError, match="Triton map was called"):
+        ops.hedgehog_map(torch.randn(1, 3, 1, 16), torch.randn(2, 16, 8), backend="triton")

@@ -86,7 +86,10 @@ def _run(name, torch_fn, backend, device, *args, torch_kwargs=None, **kwargs):
 
 def hedgehog_map(x, w, backend=None):
     """Hedgehog's features of x [B, T, Hx, D] under w [Hw, D, Fh] (weight head j reads x head j // (Hw // Hx)):
-    [B, T, Hw, 2Fh], fp32 in PyTorch, x's dtype from the Triton kernel (what the Triton ops read)."""
+    [B, T, Hw, 2Fh], fp32 in PyTorch, x's dtype from the Triton kernel (what the Triton ops read). The kernel's
+    tiles are sized for D and Fh up to 128 (checked to fit an H100's shared memory); wider ones use PyTorch."""
+    if x.shape[-1] > 128 or w.shape[-1] > 128:
+        backend = "torch"
     return _run("hedgehog_map", naive_hedgehog_map, backend, x.device, x, w)
 
 

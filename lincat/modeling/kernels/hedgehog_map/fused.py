@@ -179,10 +179,13 @@ class _HedgehogMap(torch.autograd.Function):
         prec = "ieee" if x.dtype == torch.float32 else "tf32"
         common = dict(HX=hx, HW=hw, D=d, FH=fh, BN=BN, BD=bd, BF=bf, SPLIT=split, PREC=prec, num_warps=8)
         dphi = dphi.contiguous()
-        stages = TUNE["bwd_stages"] or (3 if split else 2)  # fp32 tiles at 3 stages: 256 KiB of shared memory
+        # pipeline stages within the H100's 227 KiB of shared memory (fp32 x at 3 stages: 256 KiB; 128-wide feature
+        # halves, F = 256, at 3 stages: 400 KiB)
+        big = bd * bf > 128 * 64
+        stages = TUNE["bwd_stages"] or (1 if big else 3 if split else 2)
         _bwd[(progs, hw)](x, hi, lo, w32, dphi, dx, dwp, n, rpp, DX=one, num_stages=stages, **common)
         if not one:
-            _bwd_dx[(triton.cdiv(n, BN), hx)](x, hi, lo, w32, dphi, dx, n, num_stages=2, **common)
+            _bwd_dx[(triton.cdiv(n, BN), hx)](x, hi, lo, w32, dphi, dx, n, num_stages=1 if big else 2, **common)
         return dx, dwp.sum(0).to(w.dtype), None
 
 

@@ -46,7 +46,7 @@ from lincat.modeling.kernels.swa.torch_chunk import chunk_swa_torch  # noqa: E40
 from lincat.modeling.kernels.window_linear_attn import chunk as win_k  # noqa: E402
 from lincat.modeling.kernels.window_linear_attn.torch_chunk import chunk_window_linear_attn_torch  # noqa: E402
 from lincat.modeling.kernels.hedgehog_map.fused import fused_hedgehog_map  # noqa: E402
-from lincat.modeling.kernels.utils import expand_heads, hedgehog_features  # noqa: E402
+from lincat.modeling.kernels.hedgehog_map.naive import naive_hedgehog_map  # noqa: E402
 
 try:
     from fla.ops.gla import chunk_gla as fla_chunk_gla
@@ -138,7 +138,7 @@ def call(op, impl, x, valid, final=False):
         if impl == "lincat":
             return (fused_hedgehog_map(x["x"], x["w"]),)
         # HedgehogFeatureMap's PyTorch form (fp32), cast to the dtype the kernels read as they do
-        return (hedgehog_features(expand_heads(x["x"], x["w"].shape[0]), x["w"]).to(x["x"].dtype),)
+        return (naive_hedgehog_map(x["x"], x["w"]).to(x["x"].dtype),)
     if op == "swa":
         fn = swa_k.chunk_swa if impl == "lincat" else chunk_swa_torch
         return (fn(x["q"], x["k"], x["v"], WINDOW, scale, valid, None, 64),)

@@ -24,7 +24,8 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import softmax_pair
+from ..chunk_utils import p2
+from ..fused_utils import sms, softmax_pair
 
 BN = 64  # rows per tile
 # Knob for benchmarks: bwd_stages, pipeline stages of the dW pass (16-bit x: 3, 0.92 ms forward+backward at 32K x 32
@@ -134,16 +135,12 @@ def _bwd_dx(x, w_hi, w_lo, w32, dphi, dx, N, HX: tl.constexpr, HW: tl.constexpr,
 
 
 def _parts(w: torch.Tensor, dtype: torch.dtype):
-    """(W_hi, W_lo, split): 16-bit parts of W for a 16-bit x, else W in fp32 twice."""
+    """(W_hi, W_lo, split, W in fp32): 16-bit parts of W for a 16-bit x, else W in fp32 twice."""
     w32 = w.float().contiguous()
     if dtype in (torch.float16, torch.bfloat16):
         hi = w32.to(dtype)
-        return hi, (w32 - hi.float()).to(dtype), True
-    return w32, w32, False
-
-
-def _sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        return hi, (w32 - hi.float()).to(dtype), True, w32
+    return w32, w32, False, w32
 
 
 class _HedgehogMap(torch.autograd.Function):
@@ -152,9 +149,9 @@ class _HedgehogMap(torch.autograd.Function):
         b, t, hx, d = x.shape
         hw, _, fh = w.shape
         n = b * t
-        hi, lo, split = _parts(w, x.dtype)
+        hi, lo, split, _ = _parts(w, x.dtype)
         phi = torch.empty(b, t, hw, 2 * fh, device=x.device, dtype=out_dtype)
-        bd, bf = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(fh))
+        bd, bf = p2(d), p2(fh)
         _fwd[(triton.cdiv(n, BN), hw)](x, hi, lo, phi, n, HX=hx, HW=hw, D=d, FH=fh, BN=BN, BD=bd, BF=bf,
                                        SPLIT=split, num_warps=4)
         ctx.save_for_backward(x, w)
@@ -166,11 +163,10 @@ class _HedgehogMap(torch.autograd.Function):
         b, t, hx, d = x.shape
         hw, _, fh = w.shape
         n = b * t
-        hi, lo, split = _parts(w, x.dtype)
-        w32 = w.float().contiguous()
-        bd, bf = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(fh))
+        hi, lo, split, w32 = _parts(w, x.dtype)
+        bd, bf = p2(d), p2(fh)
         # row ranges: about four programs per SM over all weight heads (each adds one partial dW)
-        progs = max(1, min(triton.cdiv(n, BN), triton.cdiv(4 * _sms(x.device), hw)))
+        progs = max(1, min(triton.cdiv(n, BN), triton.cdiv(4 * sms(x.device), hw)))
         rpp = triton.cdiv(triton.cdiv(n, progs), BN) * BN
         progs = triton.cdiv(n, rpp)
         one = hw == hx  # one weight head per x head: dx in the same pass as dW

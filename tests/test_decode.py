@@ -235,13 +235,73 @@ def test_fused_window_not_a_power_of_two(kind):
     fused_matches_torch(Problem(kind, t=10, shared=kind != "lolcats", h=4, hkv=2, d=8, fh=8, window=6, seed=5), 9)
 
 
-def fused_matches_torch(p, steps):
+@needs_triton
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+@pytest.mark.parametrize("kind,shared,sinks", [("lolcats", False, 0), ("lolcats", True, 0), ("swa", True, 2),
+                                               ("liger", True, 0)])
+def test_fused_window_blocks(kind, shared, sinks, dtype, tune):
+    """The window's online softmax over two 16-row ring blocks (a 20-token window), in fp32 and with 16-bit
+    queries and ring (16-bit tensor-core products, the weights split into two 16-bit parts for the values)."""
+    tune.update(ring_block=16)
+    p = Problem(kind, shared=shared, sinks=sinks, t=24, h=8, hkv=2, d=16, fh=8, window=20, seed=7)
+    fused_matches_torch(p, 5, dtype, 1e-5 if dtype is None else 2e-3)
+
+
+if FUSED is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _two_blocks(q, k, v, ok, out, scale, R: tl.constexpr, K: tl.constexpr, D: tl.constexpr, LOWP: tl.constexpr):
+        """fused_utils.softmax_block over the key blocks k[:K] and k[K:], from nothing; out = [m, den, acc]."""
+        r, c, d = tl.arange(0, R), tl.arange(0, K), tl.arange(0, D)
+        qt = tl.load(q + r[:, None] * D + d[None, :])
+        m = tl.full([R], float("-inf"), tl.float32)
+        den = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, D], tl.float32)
+        for i in tl.static_range(2):
+            rows = i * K + c
+            kt = tl.load(k + rows[:, None] * D + d[None, :])
+            vt = tl.load(v + rows[:, None] * D + d[None, :])
+            s = fused_utils.key_scores(qt, kt, tl.load(ok + rows) != 0, scale, LOWP)
+            m, den, acc = fused_utils.softmax_block(s, vt, m, den, acc, LOWP)
+        tl.store(out + r * (D + 2), m)
+        tl.store(out + r * (D + 2) + 1, den)
+        tl.store(out + r[:, None] * (D + 2) + 2 + d[None, :], acc)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softmax_block_exact(dtype):
+    """The window's online-softmax block against float64: the running max is the visible max, and the weighted
+    values are as exact as fp32 arithmetic with 16-bit operands too (the weights' low 16-bit part matters: without
+    it the error is ~1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 32, generator=g).to(dtype) for n in (16, 32, 32))
+    ok = torch.rand(32, generator=g) > 0.3
+    out = torch.empty(16, 34)
+    _two_blocks[(1,)](q, k, v, ok.to(torch.int8), out, 0.3, R=16, K=16, D=32, LOWP=dtype != torch.float32)
+    s = (q.double() @ k.double().T * 0.3).masked_fill(~ok, float("-inf"))
+    m = s.amax(1)
+    e = torch.exp(s - m[:, None])
+    assert rel(out[:, 0], m) < 1e-6
+    assert rel(out[:, 1], e.sum(1)) < 1e-6
+    assert rel(out[:, 2:], e @ v.double()) < 1e-5
+
+
+def fused_matches_torch(p, steps, dtype=None, tol=1e-5):
+    """dtype: queries, keys, values and the ring / sink rows in that dtype (the states stay fp32)."""
     st = random_state(p, 1)
+    if dtype is not None:
+        for name in ("q", "k", "v", "qr", "kr"):
+            setattr(p, name, getattr(p, name).to(dtype))
+        for name in ("win_k", "win_v", "sink_k", "sink_v"):
+            if name in st:
+                st[name] = st[name].to(dtype)
     st_ref = {n: x.clone() for n, x in st.items()}
     for i in range(steps):
         o = p.step(FUSED[p.kind], st, i, valid=i != 1)
         o_ref = p.step(TORCH[p.kind], st_ref, i, valid=i != 1)
-        assert rel(o, o_ref) < 1e-5, (i, rel(o, o_ref))
+        assert o.dtype == o_ref.dtype and rel(o, o_ref) < tol, (i, rel(o, o_ref))
     for name in st:
         if name == "opart":  # the fused lolcats step's scratch
             continue

@@ -8,8 +8,11 @@ Conventions of every step kernel:
 - Programs never read what another program of the same launch writes: each state tile has one owner, the new
   token's ring row is used from registers (and the slot it overwrites is masked out of every read), and lolcats'
   evicted row sits in a slot nobody writes in that step (its ring has W + 1 slots).
-- All arithmetic in fp32 with broadcast-and-reduce (no tl.dot: tiles are small, the step is memory-bound, and the
-  interpreter's low-precision dot is unreliable). BUDGET bounds the largest 3D temporary per program.
+- State arithmetic in fp32 with broadcast-and-reduce (the state tiles stream through once; BUDGET bounds the
+  largest 3D temporary per program). The sliding windows of lolcats and swa use tl.dot instead (softmax_block:
+  tiles padded to 16 rows, 16-bit products made exact, see there): as broadcast-and-reduce over the ring's rows their
+  serial chains of small tiles made the window programs latency-bound (lolcats at batch 64 on the H100 136.0 us,
+  now 117.4; swa see bench/results/generate.md).
 """
 
 import torch
@@ -22,8 +25,10 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
 
 BUDGET = 8192
 # Knobs for tests and benchmarks: num_warps, bv (value block), splits (value-dim programs of gla, swa and lolcats),
-# min_bg (smallest query-group tile), window_programs (lolcats' window programs per KV head).
-TUNE = {"num_warps": None, "bv": None, "splits": None, "min_bg": None, "window_programs": None}
+# min_bg (smallest query-group tile), window_programs (lolcats' window programs per KV head), ring_block (ring rows
+# per block of the window's online softmax, 64 by default).
+TUNE = {"num_warps": None, "bv": None, "splits": None, "min_bg": None, "window_programs": None,
+        "ring_block": None}
 _SMS: dict = {}
 
 
@@ -64,10 +69,6 @@ def value_splits(dv: int, bv: int, programs: int, device) -> int:
     while n * 2 <= want and dv % (n * 2 * bv) == 0:
         n *= 2
     return n
-
-
-def warps(elems: int) -> int:
-    return TUNE["num_warps"] or (8 if elems >= 8192 else 4)
 
 
 def contig(*xs):
@@ -145,34 +146,81 @@ def feature_chunk(bd: int, bg: int, bf: int, budget: int = BUDGET) -> int:
 
 
 @triton.jit
-def ring_scores(qr, win_k, kr, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale,
-                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-                BG: tl.constexpr, BR: tl.constexpr, BDK: tl.constexpr, BDC: tl.constexpr):
-    """Scaled scores [BG, BR] of query heads h0 .. h0 + G - 1 against the ring rows of KV head hkv, with row w_slot
-    taken as the new key kr[b, hkv] (valid if ok_new; the ring's own row w_slot is never read: another program may
-    be writing it); -inf on empty or padding rows."""
-    s = tl.zeros([BG, BR], dtype=tl.float32)
-    mg = og < G
-    mrow = (orr < R) & (orr != w_slot)
-    for d0 in tl.static_range(0, BDK, BDC):
-        cd = d0 + tl.arange(0, BDC)
-        mdc = cd < DK
-        qc = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + cd[None, :], mask=mg[:, None] & mdc[None, :],
-                     other=0.0).to(tl.float32)
-        kc = tl.load(win_k + ((b64 * R + orr[:, None]) * HKV + hkv) * DK + cd[None, :],
-                     mask=mrow[:, None] & mdc[None, :], other=0.0).to(tl.float32)
-        kn = tl.load(kr + (b64 * HKV + hkv) * DK + cd, mask=mdc, other=0.0).to(tl.float32)
-        kc = tl.where((orr == w_slot)[:, None], kn[None, :], kc)
-        s += tl.sum(qc[:, None, :] * kc[None, :, :], 2)
-    okw = tl.load(win_valid + b64 * R + orr, mask=mrow, other=0) != 0
-    okw = tl.where(orr == w_slot, ok_new, okw)
-    return tl.where(okw[None, :], s * scale, float("-inf"))
+def key_scores(qt, kt, ok, scale, LOWP: tl.constexpr):
+    """Scaled scores [rows, keys] of the query tile qt [rows, BD] against the key tile kt [keys, BD], -inf where
+    not ok. Tensor-core products (every tile dim 16 and up): 16-bit operands when LOWP (exact products, fp32
+    sums), else fp32 ("ieee")."""
+    if LOWP:
+        s = tl.dot(qt, tl.trans(kt.to(qt.dtype)))
+    else:
+        s = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+    return tl.where(ok[None, :], s * scale, float("-inf"))
 
 
 @triton.jit
-def ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr):
-    """Ring values [BR, BV] of KV head hkv, columns cv, with row w_slot taken as the new value v[b, hkv]."""
-    vw = tl.load(win_v + ((b64 * R + orr[:, None]) * HKV + hkv) * DV + cv[None, :],
-                 mask=((orr < R) & (orr != w_slot))[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0).to(tl.float32)
-    return tl.where((orr == w_slot)[:, None], vn[None, :], vw)
+def add_weighted(acc, e, vt, LOWP: tl.constexpr):
+    """acc + e vt for fp32 weights e [rows, keys] and values vt [keys, BV]. With 16-bit values (LOWP) the weights
+    go in as two 16-bit parts, high and low, so that the sum is as exact as an fp32 one (one part alone: 1e-4
+    relative error in fp16, 1e-3 in bf16)."""
+    if LOWP:
+        e_hi = e.to(vt.dtype)
+        e_lo = (e - e_hi.to(tl.float32)).to(vt.dtype)
+        return tl.dot(e_lo, vt, acc=tl.dot(e_hi, vt, acc=acc))
+    return tl.dot(e, vt.to(tl.float32), acc=acc, input_precision="ieee")
+
+
+@triton.jit
+def softmax_block(s, vt, m, den, acc, LOWP: tl.constexpr):
+    """One block of scores s [rows, keys] and values vt [keys, BV] into a running softmax: max m [rows], sum den and
+    weighted values acc [rows, BV], both relative to m (-inf while nothing is visible)."""
+    mn = tl.maximum(m, tl.max(s, 1))
+    ms = tl.where(mn == float("-inf"), 0.0, mn)
+    e = tl.exp(s - ms[:, None])
+    alpha = tl.exp(m - ms)
+    return mn, den * alpha + tl.sum(e, 1), add_weighted(acc * alpha[:, None], e, vt, LOWP)
+
+
+@triton.jit
+def ring_slots(p, r0, NR: tl.constexpr, R: tl.constexpr, BRB: tl.constexpr):
+    """Ring slots of the window's rows r0 .. r0 + BRB - 1, newest first (token p - j in slot (p - j) % R), R (past
+    the ring) for rows past NR: the rows are gathered by index, so a block is as wide as the window, not the ring."""
+    jr = r0 + tl.arange(0, BRB)
+    return tl.where(jr < NR, (p - jr + R) % R, R)
+
+
+@triton.jit
+def ring_block_scores(qt, kn, win_k, win_valid, ok_new, b64, hkv, orr, w_slot, scale, od, md,
+                      R: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, LOWP: tl.constexpr):
+    """key_scores against the ring rows orr of KV head hkv, the new token's slot w_slot taken as kn [BD] (visible if
+    ok_new: the ring's own row there is never read, another program may be writing it); empty and padding rows
+    not visible."""
+    mrow = (orr < R) & (orr != w_slot)
+    kt = tl.load(win_k + ((b64 * R + orr[:, None]) * HKV + hkv) * DK + od[None, :], mask=mrow[:, None] & md[None, :],
+                 other=0.0)
+    kt = tl.where((orr == w_slot)[:, None], kn[None, :].to(kt.dtype), kt)
+    ok = tl.load(win_valid + b64 * R + orr, mask=mrow, other=0) != 0
+    return key_scores(qt, kt, tl.where(orr == w_slot, ok_new, ok), scale, LOWP)
+
+
+@triton.jit
+def ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R: tl.constexpr, HKV: tl.constexpr,
+                      DV: tl.constexpr):
+    """Values [rows, BV] of the ring rows orr, columns cv, the new token's slot taken as vn [BV]."""
+    vt = tl.load(win_v + ((b64 * R + orr[:, None]) * HKV + hkv) * DV + cv[None, :],
+                 mask=((orr < R) & (orr != w_slot))[:, None] & mv[None, :], other=0.0)
+    return tl.where((orr == w_slot)[:, None], vn[None, :].to(vt.dtype), vt)
+
+
+@triton.jit
+def ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cv, mv, m, den, acc,
+                 NR: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 BRB: tl.constexpr, LOWP: tl.constexpr):
+    """softmax_block over the NR newest ring rows of KV head hkv, BRB at a time (ring_slots), value columns cv."""
+    w_slot = p % R
+    for r0 in tl.static_range(0, NR, BRB):
+        orr = ring_slots(p, r0, NR, R, BRB)
+        s = ring_block_scores(qt, kn, win_k, win_valid, ok_new, b64, hkv, orr, w_slot, scale, od, md, R, HKV, DK,
+                              LOWP)
+        vt = ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R, HKV, DV)
+        m, den, acc = softmax_block(s, vt, m, den, acc, LOWP)
+    return m, den, acc

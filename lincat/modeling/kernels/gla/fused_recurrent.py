@@ -21,16 +21,16 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (BUDGET, advance_pos, check_state, contig, group_block, p2, ring_scores, ring_values,
-                           value_block, value_splits, warps)
+from ..fused_utils import (TUNE, add_weighted, advance_pos, check_state, contig, group_block, p2, ring_block_scores,
+                           ring_block_values, ring_slots, sms, value_splits)
 from ..utils import DEN_EPS
 
 
 @triton.jit
 def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, ticket, scale, inv_gate_norm, mix, eps,
                 R: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                G: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BDC: tl.constexpr,
-                BV: tl.constexpr, NDV: tl.constexpr, HAS_VALID: tl.constexpr):
+                G: tl.constexpr, BG: tl.constexpr, BGD: tl.constexpr, BD: tl.constexpr, BRB: tl.constexpr,
+                BV: tl.constexpr, NDV: tl.constexpr, LOWP: tl.constexpr, HAS_VALID: tl.constexpr):
     pid = tl.program_id(0)
     j = pid % NDV
     bh = pid // NDV
@@ -41,7 +41,6 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
     w_slot = p % R
     od = tl.arange(0, BD)
     og = tl.arange(0, BG)
-    orr = tl.arange(0, BR)
     ov = tl.arange(0, BV)
     md, mg = od < DK, og < G
     if HAS_VALID:
@@ -64,13 +63,26 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
     qe = tl.exp(qm - tl.max(qm, 1)[:, None])
     qf = qe / tl.sum(qe, 1)[:, None]
 
-    # window softmax weights over the ring, the new token in its slot
-    s = ring_scores(qr, win_k, kr, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR,
-                    BD, BDC)
-    m = tl.max(s, 1)
+    # window softmax over the ring with tensor-core products: the post-RoPE queries as rows of a tile padded to
+    # BGD >= 16 (fused_utils.softmax_block); the new token taken in its slot. Its max and sum first, over BRB rows
+    # at a time; the weighted values per column block below (weights kept when the ring is one block)
+    ogd = tl.arange(0, BGD)
+    qt = tl.load(qr + (b64 * H + h0 + ogd[:, None]) * DK + od[None, :], mask=(ogd < G)[:, None] & md[None, :],
+                 other=0.0)
+    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
+    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
+    m = tl.full([BGD], float("-inf"), tl.float32)
+    den = tl.zeros([BGD], tl.float32)
+    for r0 in tl.static_range(0, R, BRB):
+        orr = ring_slots(p, r0, R, R, BRB)
+        s = ring_block_scores(qt, kn, win_k, win_valid, ok_new, b64, hkv, orr, w_slot, scale, od, md, R, HKV, DK,
+                              LOWP)
+        mn = tl.maximum(m, tl.max(s, 1))
+        ms = tl.where(mn == float("-inf"), 0.0, mn)
+        e = tl.exp(s - ms[:, None])
+        den = den * tl.exp(m - ms) + tl.sum(e, 1)
+        m = mn
     m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(s - m[:, None])
-    den = tl.sum(e, 1)
     rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
 
     DVP: tl.constexpr = DV // NDV
@@ -85,14 +97,24 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
         st = tl.load(ptr, mask=m2, other=0.0) * decay[:, None] + kf[:, None] * vf[None, :]
         tl.store(ptr, st, mask=m2)
         o_gla = tl.sum(qf[:, :, None] * st[None, :, :], 1)
-        vw = ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R, HKV, DV)
-        o_swa = tl.sum(e[:, :, None] * vw[None, :, :], 1) * rden[:, None]
+        acc = tl.zeros([BGD, BV], tl.float32)
+        if R <= BRB:  # one block: its weights e (relative to the final max) are still here
+            acc = add_weighted(acc, e, ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R, HKV, DV), LOWP)
+        else:
+            for r0 in tl.static_range(0, R, BRB):
+                orr = ring_slots(p, r0, R, R, BRB)
+                s = ring_block_scores(qt, kn, win_k, win_valid, ok_new, b64, hkv, orr, w_slot, scale, od, md, R, HKV,
+                                      DK, LOWP)
+                vt = ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R, HKV, DV)
+                acc = add_weighted(acc, tl.exp(s - m[:, None]), vt, LOWP)
+        # the tile's first BG rows, as the GLA readout's [BG, BV] (the padding rows zeroed and folded in)
+        acc = tl.where((ogd < BG)[:, None], acc * rden[:, None], 0.0)
+        o_swa = tl.sum(tl.reshape(acc, [BGD // BG, BG, BV]), 0)
         out = mix * o_gla + (1.0 - mix) * o_swa
         tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], out.to(o.dtype.element_ty),
                  mask=mg[:, None] & mv[None, :])
         tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty), mask=mv)
     mk = tl.where(j == 0, md, False)
-    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=mk, other=0.0)
     tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kn.to(win_k.dtype.element_ty), mask=mk)
     tl.store(win_valid + b64 * R + w_slot, ok_new, mask=(j == 0) & (hkv == 0))
     advance_pos(pos, ticket, b, p, HKV * NDV)
@@ -110,15 +132,21 @@ def fused_liger_step(q, k, qr, kr, v, gate_norm, mix, scale, state, valid=None):
         raise ValueError(f"liger step: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
                          f"S {tuple(state['S'].shape)} do not fit")
     g = h // hkv
-    bg, bd, br = group_block(g), p2(dk), p2(ring)
-    bv = value_block(dv, max(br, bd), bg)
-    bdc = max(1, min(bd, BUDGET // (bg * br)))
+    bg, bd = group_block(g), p2(dk)
+    # Launch settings measured on the H100 (8B heads, batch 64: bench/results/generate.md): 16 value columns with 2
+    # warps at many rows (42.8 us against 44.6 with 4 warps x 32 columns, 69.4 with 8 warps x 16), 32 with 4 warps
+    # when the rows do not fill the GPU twice over (batch 16: 10.9 us against 11.9). tl.dot's tiles: 16 and up.
+    few = b * hkv < 2 * sms(v.device)
+    bv = max(16, TUNE["bv"] or min(p2(dv), 32 if few else 16))
     ndv = value_splits(dv, bv, b * hkv, v.device)
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
+    # 16-bit window products only when the queries and the ring share that dtype (else fp32 ones)
+    lowp = qr.dtype in (torch.float16, torch.bfloat16) and state["win_k"].dtype == state["win_v"].dtype == qr.dtype
     _liger_step[(b * hkv * ndv,)](
         q, k, qr, kr, v, state["S"], state["win_k"], state["win_v"], state["win_valid"], o,
         valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale), 1.0 / float(gate_norm),
-        float(mix), DEN_EPS, R=ring, H=h, HKV=hkv, DK=dk, DV=dv, G=g, BG=bg, BD=bd, BR=br, BDC=bdc, BV=bv, NDV=ndv,
-        HAS_VALID=valid is not None, num_warps=warps(bg * max(br, bd) * bv),
+        float(mix), DEN_EPS, R=ring, H=h, HKV=hkv, DK=dk, DV=dv, G=g, BG=bg, BGD=max(16, bg), BD=max(16, bd),
+        BRB=max(16, min(TUNE["ring_block"] or 64, p2(ring))), BV=bv, NDV=ndv, LOWP=lowp,
+        HAS_VALID=valid is not None, num_warps=TUNE["num_warps"] or (4 if few else 2),
     )
     return o

@@ -3,7 +3,8 @@ token.
 
 One program per (row, KV head, value split): scores of the G query heads of the group against the ring (the new
 token taken from registers in its slot pos % R) and against the sinks that have left the window (recorded position
-<= pos - W), one softmax over both, and the readout of its value columns. The same launch writes the new token to
+<= pos - W), one online softmax over both, and the readout of its value columns, all with tensor-core products
+(fused_utils.softmax_block). The same launch writes the new token to
 the ring and, while a row has recorded fewer than S real tokens, to the next sink row (its position is pos, so no
 reader of this step can see it; readers also skip rows at or past the row's sink count, which only the last program
 of the row updates, together with `pos`).
@@ -19,18 +20,18 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (BUDGET, check_state, contig, group_block, last_to_arrive, p2, ring_scores, ring_values,
-                           value_block, value_splits, warps)
+from ..fused_utils import (TUNE, check_state, contig, key_scores, last_to_arrive, p2, ring_softmax, softmax_block,
+                           value_splits)
 from ..utils import DEN_EPS
 
 
 @triton.jit
 def _swa_step(qr, kr, v, win_k, win_v, win_valid, sink_k, sink_v, sink_pos, sink_valid, n_valid, o, valid, pos,
               ticket, scale, eps,
-              W: tl.constexpr, R: tl.constexpr, NS: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
-              DK: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-              BR: tl.constexpr, BS: tl.constexpr, BDC: tl.constexpr, BV: tl.constexpr, NDV: tl.constexpr,
-              HAS_VALID: tl.constexpr, HAS_SINKS: tl.constexpr):
+              R: tl.constexpr, NS: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+              DV: tl.constexpr, G: tl.constexpr, BGD: tl.constexpr, BD: tl.constexpr, BRB: tl.constexpr,
+              BS: tl.constexpr, BV: tl.constexpr, NDV: tl.constexpr, LOWP: tl.constexpr, HAS_VALID: tl.constexpr,
+              HAS_SINKS: tl.constexpr, W: tl.constexpr):
     pid = tl.program_id(0)
     j = pid % NDV
     bh = pid // NDV
@@ -39,64 +40,44 @@ def _swa_step(qr, kr, v, win_k, win_v, win_valid, sink_k, sink_v, sink_pos, sink
     b64 = b.to(tl.int64)
     p = tl.load(pos + b)
     w_slot = p % R
-    od = tl.arange(0, BD)
-    og = tl.arange(0, BG)
-    orr = tl.arange(0, BR)
-    ov = tl.arange(0, BV)
-    md, mg = od < DK, og < G
+    og, od = tl.arange(0, BGD), tl.arange(0, BD)
+    mg, md = og < G, od < DK
+    DVP: tl.constexpr = DV // NDV
+    cv = j * DVP + tl.arange(0, BV)
+    mv = (tl.arange(0, BV) < DVP) & (cv < DV)
     if HAS_VALID:
         ok_new = tl.load(valid + b) != 0
     else:
         ok_new = p >= 0  # True
     h0 = hkv * G
-
-    s = ring_scores(qr, win_k, kr, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, G, BG, BR,
-                    BD, BDC)
-    m = tl.max(s, 1)
+    qt = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + od[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
+    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
+    vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
+    m = tl.full([BGD], float("-inf"), tl.float32)
+    den = tl.zeros([BGD], tl.float32)
+    acc = tl.zeros([BGD, BV], tl.float32)
+    # the group's query heads (rows of a tensor-core tile, padded to BGD >= 16) over every ring slot, then the sinks
+    m, den, acc = ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cv, mv, m,
+                               den, acc, R, R, HKV, DK, DV, BRB, LOWP)
     if HAS_SINKS:
         osn = tl.arange(0, BS)
         nv = tl.load(n_valid + b)
         spos = tl.load(sink_pos + b64 * (NS + 1) + osn, mask=osn < NS, other=0)
         sok = tl.load(sink_valid + b64 * (NS + 1) + osn, mask=osn < NS, other=0) != 0
         vis = (osn < nv) & sok & (spos <= p - W)
-        ss = tl.zeros([BG, BS], dtype=tl.float32)
-        for d0 in tl.static_range(0, BD, BDC):
-            cd = d0 + tl.arange(0, BDC)
-            mdc = cd < DK
-            qc = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + cd[None, :], mask=mg[:, None] & mdc[None, :],
-                         other=0.0).to(tl.float32)
-            kc = tl.load(sink_k + ((b64 * (NS + 1) + osn[:, None]) * HKV + hkv) * DK + cd[None, :],
-                         mask=vis[:, None] & mdc[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(qc[:, None, :] * kc[None, :, :], 2)
-        ss = tl.where(vis[None, :], ss * scale, float("-inf"))
-        m = tl.maximum(m, tl.max(ss, 1))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(s - m[:, None])
-    den = tl.sum(e, 1)
-    if HAS_SINKS:
-        es = tl.exp(ss - m[:, None])
-        den += tl.sum(es, 1)
+        srow = (b64 * (NS + 1) + osn[:, None]) * HKV + hkv
+        kt = tl.load(sink_k + srow * DK + od[None, :], mask=vis[:, None] & md[None, :], other=0.0)
+        vt = tl.load(sink_v + srow * DV + cv[None, :], mask=vis[:, None] & mv[None, :], other=0.0)
+        m, den, acc = softmax_block(key_scores(qt, kt, vis, scale, LOWP), vt, m, den, acc, LOWP)
         rec = ok_new & (nv < NS)  # this token becomes sink number nv
+        tl.store(sink_v + ((b64 * (NS + 1) + nv) * HKV + hkv) * DV + cv, vn.to(sink_v.dtype.element_ty),
+                 mask=tl.where(rec, mv, False))
     rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
-
-    DVP: tl.constexpr = DV // NDV
-    for v0 in range(0, DVP, BV):
-        cv = j * DVP + v0 + ov
-        mv = (v0 + ov < DVP) & (cv < DV)
-        vw = ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R, HKV, DV)
-        num = tl.sum(e[:, :, None] * vw[None, :, :], 1)
-        vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
-        if HAS_SINKS:
-            sv = tl.load(sink_v + ((b64 * (NS + 1) + osn[:, None]) * HKV + hkv) * DV + cv[None, :],
-                         mask=vis[:, None] & mv[None, :], other=0.0).to(tl.float32)
-            num += tl.sum(es[:, :, None] * sv[None, :, :], 1)
-            tl.store(sink_v + ((b64 * (NS + 1) + nv) * HKV + hkv) * DV + cv, vn.to(sink_v.dtype.element_ty),
-                     mask=tl.where(rec, mv, False))
-        tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], (num * rden[:, None]).to(o.dtype.element_ty),
-                 mask=mg[:, None] & mv[None, :])
-        tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty), mask=mv)
+    tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], (acc * rden[:, None]).to(o.dtype.element_ty),
+             mask=mg[:, None] & mv[None, :])
+    tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty), mask=mv)
     mk = tl.where(j == 0, md, False)
-    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=mk, other=0.0)
     tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kn.to(win_k.dtype.element_ty), mask=mk)
     first = (j == 0) & (hkv == 0)
     tl.store(win_valid + b64 * R + w_slot, ok_new, mask=first)
@@ -129,16 +110,18 @@ def fused_swa_step(qr, kr, v, scale, window, state, valid=None):
     if sinks:
         check_state(state, "sink_k", "sink_v", "sink_pos", "sink_valid", "n_valid")
     g = h // hkv
-    bg, bd, br = group_block(g), p2(dk), p2(ring)
-    bv = value_block(dv, br, bg)
-    bdc = max(1, min(bd, BUDGET // (bg * max(br, p2(ns)))))
-    ndv = value_splits(dv, bv, b * hkv, v.device)
+    # one tile of value columns per program; split over programs only to fill the GPU at small batch
+    ndv = value_splits(dv, TUNE["bv"] or 16, b * hkv, v.device)
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
     sk = [state[n] for n in ("sink_k", "sink_v", "sink_pos", "sink_valid", "n_valid")] if sinks else [o] * 5
+    # 16-bit products only when the queries and the ring share that dtype (else fp32 ones); tl.dot tiles >= 16
+    lowp = qr.dtype in (torch.float16, torch.bfloat16) and all(
+        state[n].dtype == qr.dtype for n in ("win_k", "win_v", "sink_k", "sink_v") if n in state)
     _swa_step[(b * hkv * ndv,)](
         qr, kr, v, state["win_k"], state["win_v"], state["win_valid"], *sk, o, valid.contiguous() if valid is not None else o,
-        state["pos"], state["ticket"], float(scale), DEN_EPS, W=window, R=ring, NS=ns, H=h, HKV=hkv, DK=dk, DV=dv,
-        G=g, BG=bg, BD=bd, BR=br, BS=max(2, p2(ns)), BDC=bdc, BV=bv, NDV=ndv, HAS_VALID=valid is not None,
-        HAS_SINKS=sinks, num_warps=warps(bg * br * bv),
+        state["pos"], state["ticket"], float(scale), DEN_EPS, R=ring, NS=ns, H=h, HKV=hkv, DK=dk, DV=dv, G=g,
+        BGD=max(16, p2(g)), BD=max(16, p2(dk)), BRB=max(16, min(TUNE["ring_block"] or 64, p2(ring))),
+        BS=max(16, p2(ns)), BV=max(16, p2(dv // ndv)), NDV=ndv, LOWP=lowp, HAS_VALID=valid is not None,
+        HAS_SINKS=sinks, W=window, num_warps=TUNE["num_warps"] or 4,
     )
     return o

@@ -11,12 +11,13 @@ launch runs two kinds of program:
   phi(q) S for their columns. The first split also moves z += phi(k_old) and reads out phi(q) z (no other program
   reads z).
 - per KV head, `NW` window programs over its query heads: the window weights over the W newest ring rows (gathered
-  by index), their weighted values and sum. The first writes the new token's key/value into ring slot pos % R.
+  by index), their weighted values and sum, with tensor-core products (fused_utils.softmax_block). The first writes
+  the new token's key/value into ring slot pos % R.
 Each writes its partial numerators / denominators to the fp32 scratch `opart`; the last program of the KV head to
 finish (an atomic ticket, `oticket`) adds them up and writes o. In one program (as before), the window's
 temporaries next to the state tiles took 255 registers a thread with spills, and the step 164 us at batch 64 on
 the H100 against 109 us for Hedgehog's step with the same state bytes; apart, 140 us, and 72 instead of 104 us with
-GQA-shared states.
+GQA-shared states; with the window's products on the tensor cores, 117.4 and 55.5 us.
 The ring has R = W + 1 slots, so the evicted row (read by the state programs) and the written row are different
 slots: no program reads what another writes, except the scratch, read by the last one after its ticket.
 
@@ -32,49 +33,38 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (TUNE, advance_pos, check_state, contig, feature_chunk, group_block, group_features,
-                           last_to_arrive, p2, ring_scores, ring_values, row_features, sms, value_splits)
+                           last_to_arrive, p2, ring_softmax, row_features, sms, value_splits)
 from ..utils import DEN_EPS
-
-# Elements of the window programs' [heads, W, columns] tiles: small, so that the registers they need do not cap
-# the state programs sharing the kernel (twice as large: 1.15x slower at batch 64 on the H100)
-WIN_TILE = 2048
-
 
 @triton.jit
 def _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, h0, writer, p, ok_new, scale,
                  W: tl.constexpr, R: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
-                 DV: tl.constexpr, GW: tl.constexpr, BGW: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                 BDC: tl.constexpr, BVW: tl.constexpr):
-    """A window program of KV head hkv: for query heads h0 .. h0 + GW - 1, sum_window a v into opart[..., DV:2DV]
-    and sum a into opart[..., 2DV + 1]; the writer puts the new token into ring slot p % R."""
-    og, ov, od = tl.arange(0, BGW), tl.arange(0, BVW), tl.arange(0, BD)
-    mg, md = og < GW, od < DK
-    w_slot = p % R
-    # The window is the W newest ring rows, tokens p, p - 1, ..., p - W + 1: gathered by index, so the tiles are W
-    # wide rather than the R = W + 1 slots padded to a power of two (twice W), and the evicted slot is never among
-    # them. Lanes past W point past the ring (masked).
-    jr = tl.arange(0, BR)
-    orr = tl.where(jr < W, (p - jr + R) % R, R)
-    s = ring_scores(q, win_k, k, win_valid, ok_new, b64, h0, hkv, og, orr, w_slot, scale, H, HKV, DK, R, GW, BGW,
-                    BR, BD, BDC)
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
+                 DV: tl.constexpr, GW: tl.constexpr, BGD: tl.constexpr, BD: tl.constexpr, BRB: tl.constexpr,
+                 BDV: tl.constexpr, LOWP: tl.constexpr):
+    """A window program of KV head hkv: for query heads h0 .. h0 + GW - 1 (rows of a tensor-core tile, padded to
+    BGD >= 16), gamma sum_window exp(s - m) v into opart[..., DV:2DV] and gamma sum_window exp(s - m) into
+    opart[..., 2DV + 1], with m the window max (the final max of the online softmax); the writer puts the new token
+    into ring slot p % R."""
+    og, od, ov = tl.arange(0, BGD), tl.arange(0, BD), tl.arange(0, BDV)
+    mg, md, mv = og < GW, od < DK, ov < DV
+    qt = tl.load(q + (b64 * H + h0 + og[:, None]) * DK + od[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
+    kn = tl.load(k + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
+    vn = tl.load(v + (b64 * HKV + hkv) * DV + ov, mask=mv, other=0.0)
+    m = tl.full([BGD], float("-inf"), tl.float32)
+    den = tl.zeros([BGD], tl.float32)
+    acc = tl.zeros([BGD, BDV], tl.float32)
+    m, den, acc = ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, ov, mv, m,
+                               den, acc, W, R, HKV, DK, DV, BRB, LOWP)
     gam = tl.load(gamma + h0 + og, mask=mg, other=0.0).to(tl.float32)
-    a = tl.exp(s - m[:, None]) * gam[:, None]
     prow = part + (b64 * H + h0 + og) * (2 * DV + 2)
-    tl.store(prow + 2 * DV + 1, tl.sum(a, 1), mask=mg)
-    for v0 in range(0, DV, BVW):
-        cv = v0 + ov
-        mv = cv < DV
-        vw = ring_values(win_v, v, b64, hkv, orr, cv, mv, w_slot, R, HKV, DV)
-        tl.store(prow[:, None] + DV + cv[None, :], tl.sum(a[:, :, None] * vw[None, :, :], 1),
-                 mask=mg[:, None] & mv[None, :])
-        vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
-        tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + cv, vn.to(win_v.dtype.element_ty),
-                 mask=tl.where(writer, mv, False))
-    mk = tl.where(writer, md, False)
-    kx = tl.load(k + (b64 * HKV + hkv) * DK + od, mask=mk, other=0.0)
-    tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kx.to(win_k.dtype.element_ty), mask=mk)
+    tl.store(prow + 2 * DV + 1, den * gam, mask=mg)
+    tl.store(prow[:, None] + DV + ov[None, :], acc * gam[:, None], mask=mg[:, None] & mv[None, :])
+    w_slot = p % R
+    tl.store(win_v + ((b64 * R + w_slot) * HKV + hkv) * DV + ov, vn.to(win_v.dtype.element_ty),
+             mask=tl.where(writer, mv, False))
+    tl.store(win_k + ((b64 * R + w_slot) * HKV + hkv) * DK + od, kn.to(win_k.dtype.element_ty),
+             mask=tl.where(writer, md, False))
     tl.store(win_valid + b64 * R + w_slot, ok_new, mask=writer & (hkv == 0))
 
 
@@ -154,9 +144,9 @@ def _finish(o, part, oticket, pos, ticket, b, b64, hkv, p, eps, H: tl.constexpr,
 def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, part, oticket, valid, pos, ticket,
                   scale, eps, W: tl.constexpr, R: tl.constexpr, H: tl.constexpr, HS: tl.constexpr,
                   HKV: tl.constexpr, DK: tl.constexpr, FH: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
-                  BG: tl.constexpr, BGW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BR: tl.constexpr,
-                  BDC: tl.constexpr, BFC: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, BVW: tl.constexpr,
-                  BDV: tl.constexpr, SPLITS: tl.constexpr, NW: tl.constexpr, BGN: tl.constexpr,
+                  BG: tl.constexpr, BGW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BFC: tl.constexpr,
+                  BKC: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr, SPLITS: tl.constexpr, NW: tl.constexpr,
+                  BGD: tl.constexpr, BDD: tl.constexpr, BRB: tl.constexpr, BVD: tl.constexpr, LOWP: tl.constexpr,
                   HAS_VALID: tl.constexpr):
     # The programs of a KV head side by side, its window programs first: the latency-bound window programs run
     # among the memory-bound state programs rather than after them
@@ -176,7 +166,7 @@ def _lolcats_step(q, k, v, wq, wk, gamma, S, Z, win_k, win_v, win_valid, o, part
         else:
             ok_new = p >= 0  # True
         _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, hkv * GW + r * GN, r == 0, p, ok_new,
-                     scale, W, R, H, HKV, DK, DV, GN, BGN, BD, BR, BDC, BVW)
+                     scale, W, R, H, HKV, DK, DV, GN, BGD, BDD, BRB, BVD, LOWP)
     else:
         hs = hkv * group + (r - NW) // SPLITS
         _state_part(q, wq, wk, S, Z, win_k, win_v, win_valid, part, b64, hs, hkv, (r - NW) % SPLITS,
@@ -205,22 +195,21 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
     if opart is None:
         opart = torch.empty(b, h, 2 * dv + 2, dtype=torch.float32, device=v.device)
     g = h // hs
-    bg, bf, br, bd = group_block(g, 1), p2(fh), p2(window), p2(dk)
-    # Launch settings measured on the H100 (8B heads: bench/results/generate.md). Many rows (batch 16 and up): two
-    # window programs per KV head where its state heads split evenly (4 state heads: 139.6 us at batch 64, against
-    # 145.7 with one and 160.8 with four), state programs of 32 value columns (16 for 4-row query tiles) with 2 warps
-    # (1.3x faster than 4 warps for shared states, 1.06x with a state per query head). Few rows (batch 1): the
-    # value dim split over 2 (state per query head) or 8 programs; one window program per query head while those
-    # of all rows fit in two waves (GQA-shared states: B=1 10.5 us against 20.4 with one per KV head, B=8 22.8
-    # against 26.7; at B=16 one per KV head wins, 29.0 against 32.9).
+    bg, bf, bd = group_block(g, 1), p2(fh), p2(dk)
+    # Launch settings measured on the H100 (8B heads: bench/results/generate.md). One window program per KV head:
+    # with tensor-core products it is short (batch 64, state per query head: 117.4 us against 118.5 with two and
+    # 123.7 with four; batch 4: 10.5 against 13.8 with one per query head). Many rows (batch 16 and up): state
+    # programs of 32 value columns with 4 warps for a state per query head (117.4 against 118.9 with 2 warps, 119.0
+    # with 64 columns at 4 warps), 16 columns with 2 warps for 4-row query tiles (GQA-shared states: 55.5 against
+    # 62.2 with 4 warps and 32 columns). Few rows (batch 1): the value dim split over 2 (state per query head) or 8
+    # programs.
     gw = h // hkv  # query heads per KV head
-    n_sm = sms(qr.device)
-    few = b * hs < 2 * n_sm
+    few = b * hs < 2 * sms(qr.device)
     if few:
         bv, nw = min(dv, 64 if bg == 1 else 16), 4
-        n_win = gw if b * h <= 2 * n_sm else hs // hkv
     else:
-        bv, nw, n_win = min(dv, 32 if bg == 1 else 16), 2, 2 if (hs // hkv) % 2 == 0 else 1
+        bv, nw = min(dv, 32 if bg == 1 else 16), 4 if bg == 1 else 2
+    n_win = 1
     bv, nw, n_win = TUNE["bv"] or bv, TUNE["num_warps"] or nw, TUNE["window_programs"] or n_win
     if gw % n_win:
         raise ValueError(f"lolcats step: {n_win} window programs per KV head do not divide its {gw} query heads")
@@ -229,13 +218,14 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
         splits = value_splits(dv, bv, b * hs, qr.device)
         splits = splits if dv % (splits * bv) == 0 else 1
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
-    bgw, bgn = p2(gw), p2(gw // n_win)
+    # 16-bit products only when the queries and the ring share that dtype (else fp32 ones); tl.dot tiles >= 16
+    lowp = qr.dtype in (torch.float16, torch.bfloat16) and state["win_k"].dtype == state["win_v"].dtype == qr.dtype
     _lolcats_step[(b * (hs * splits + hkv * n_win),)](
         qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,
         opart, oticket, valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale),
-        DEN_EPS, W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BGW=bgw, BD=bd, BF=bf,
-        BR=br, BDC=max(1, min(bd, WIN_TILE // (bgn * br))), BFC=feature_chunk(bd, bg, bf),
-        BKC=feature_chunk(bd, 1, bf), BV=bv, BVW=max(1, min(p2(dv), WIN_TILE // (bgn * br))), BDV=p2(dv),
-        SPLITS=splits, NW=n_win, BGN=bgn, HAS_VALID=valid is not None, num_warps=nw,
+        DEN_EPS, W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BGW=p2(gw), BD=bd, BF=bf,
+        BFC=feature_chunk(bd, bg, bf), BKC=feature_chunk(bd, 1, bf), BV=bv, BDV=p2(dv), SPLITS=splits, NW=n_win,
+        BGD=max(16, p2(gw // n_win)), BDD=max(16, bd), BRB=max(16, min(TUNE["ring_block"] or 64, p2(window))),
+        BVD=max(16, p2(dv)), LOWP=lowp, HAS_VALID=valid is not None, num_warps=nw,
     )
     return o

@@ -212,10 +212,24 @@ def ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R: tl.constexpr,
 
 
 @triton.jit
-def ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cv, mv, m, den, acc,
+def window_query(qr, kr, win_k, b64, h0, hkv, og, mg, od, md, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+                 LOWP: tl.constexpr):
+    """The query tile of heads h0 + og (rows where mg; the window's tensor-core tile) in the dtype of its products,
+    and the new token's key kr[b, hkv]."""
+    qt = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + od[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
+    return qt, tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
+
+
+@triton.jit
+def ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cv, mv,
                  NR: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                  BRB: tl.constexpr, LOWP: tl.constexpr):
-    """softmax_block over the NR newest ring rows of KV head hkv, BRB at a time (ring_slots), value columns cv."""
+    """softmax_block from nothing over the NR newest ring rows of KV head hkv, BRB at a time (ring_slots), value
+    columns cv (vn: the new token's): (m, den, acc)."""
+    m = tl.full([qt.shape[0]], float("-inf"), tl.float32)
+    den = tl.zeros([qt.shape[0]], tl.float32)
+    acc = tl.zeros([qt.shape[0], vn.shape[0]], tl.float32)
     w_slot = p % R
     for r0 in tl.static_range(0, NR, BRB):
         orr = ring_slots(p, r0, NR, R, BRB)

@@ -22,7 +22,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (TUNE, add_weighted, advance_pos, check_state, contig, group_block, p2, ring_block_scores,
-                           ring_block_values, ring_slots, sms, value_splits)
+                           ring_block_values, ring_slots, sms, value_splits, window_query)
 from ..utils import DEN_EPS
 
 
@@ -67,10 +67,7 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
     # BGD >= 16 (fused_utils.softmax_block); the new token taken in its slot. Its max and sum first, over BRB rows
     # at a time; the weighted values per column block below (weights kept when the ring is one block)
     ogd = tl.arange(0, BGD)
-    qt = tl.load(qr + (b64 * H + h0 + ogd[:, None]) * DK + od[None, :], mask=(ogd < G)[:, None] & md[None, :],
-                 other=0.0)
-    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
-    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
+    qt, kn = window_query(qr, kr, win_k, b64, h0, hkv, ogd, ogd < G, od, md, H, HKV, DK, LOWP)
     m = tl.full([BGD], float("-inf"), tl.float32)
     den = tl.zeros([BGD], tl.float32)
     for r0 in tl.static_range(0, R, BRB):

@@ -21,7 +21,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (TUNE, check_state, contig, key_scores, last_to_arrive, p2, ring_softmax, softmax_block,
-                           value_splits)
+                           value_splits, window_query)
 from ..utils import DEN_EPS
 
 
@@ -50,16 +50,11 @@ def _swa_step(qr, kr, v, win_k, win_v, win_valid, sink_k, sink_v, sink_pos, sink
     else:
         ok_new = p >= 0  # True
     h0 = hkv * G
-    qt = tl.load(qr + (b64 * H + h0 + og[:, None]) * DK + od[None, :], mask=mg[:, None] & md[None, :], other=0.0)
-    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
-    kn = tl.load(kr + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
-    vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
-    m = tl.full([BGD], float("-inf"), tl.float32)
-    den = tl.zeros([BGD], tl.float32)
-    acc = tl.zeros([BGD, BV], tl.float32)
     # the group's query heads (rows of a tensor-core tile, padded to BGD >= 16) over every ring slot, then the sinks
-    m, den, acc = ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cv, mv, m,
-                               den, acc, R, R, HKV, DK, DV, BRB, LOWP)
+    qt, kn = window_query(qr, kr, win_k, b64, h0, hkv, og, mg, od, md, H, HKV, DK, LOWP)
+    vn = tl.load(v + (b64 * HKV + hkv) * DV + cv, mask=mv, other=0.0)
+    m, den, acc = ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cv, mv, R, R,
+                               HKV, DK, DV, BRB, LOWP)
     if HAS_SINKS:
         osn = tl.arange(0, BS)
         nv = tl.load(n_valid + b)

@@ -33,7 +33,8 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (TUNE, advance_pos, check_state, contig, feature_chunk, group_block, group_features,
-                           last_to_arrive, p2, ring_softmax, row_features, sms, value_splits)
+                           last_to_arrive, p2, ring_softmax, row_features, sms, value_splits,
+                           window_query)
 from ..utils import DEN_EPS
 
 @triton.jit
@@ -47,15 +48,10 @@ def _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, h0, wr
     into ring slot p % R."""
     og, od, ov = tl.arange(0, BGD), tl.arange(0, BD), tl.arange(0, BDV)
     mg, md, mv = og < GW, od < DK, ov < DV
-    qt = tl.load(q + (b64 * H + h0 + og[:, None]) * DK + od[None, :], mask=mg[:, None] & md[None, :], other=0.0)
-    qt = qt.to(win_k.dtype.element_ty) if LOWP else qt.to(tl.float32)
-    kn = tl.load(k + (b64 * HKV + hkv) * DK + od, mask=md, other=0.0)
+    qt, kn = window_query(q, k, win_k, b64, h0, hkv, og, mg, od, md, H, HKV, DK, LOWP)
     vn = tl.load(v + (b64 * HKV + hkv) * DV + ov, mask=mv, other=0.0)
-    m = tl.full([BGD], float("-inf"), tl.float32)
-    den = tl.zeros([BGD], tl.float32)
-    acc = tl.zeros([BGD, BDV], tl.float32)
-    m, den, acc = ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, ov, mv, m,
-                               den, acc, W, R, HKV, DK, DV, BRB, LOWP)
+    m, den, acc = ring_softmax(qt, kn, vn, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, ov, mv, W, R,
+                               HKV, DK, DV, BRB, LOWP)
     gam = tl.load(gamma + h0 + og, mask=mg, other=0.0).to(tl.float32)
     prow = part + (b64 * H + h0 + og) * (2 * DV + 2)
     tl.store(prow + 2 * DV + 1, den * gam, mask=mg)

@@ -9,10 +9,10 @@ Conventions of every step kernel:
   token's ring row is used from registers (and the slot it overwrites is masked out of every read), and lolcats'
   evicted row sits in a slot nobody writes in that step (its ring has W + 1 slots).
 - State arithmetic in fp32 with broadcast-and-reduce (the state tiles stream through once; BUDGET bounds the
-  largest 3D temporary per program). The sliding windows of lolcats and swa use tl.dot instead (softmax_block:
-  tiles padded to 16 rows, 16-bit products made exact, see there): as broadcast-and-reduce over the ring's rows their
-  serial chains of small tiles made the window programs latency-bound (lolcats at batch 64 on the H100 136.0 us,
-  now 117.4; swa see bench/results/generate.md).
+  largest 3D temporary per program). The sliding windows of lolcats, liger and swa use tl.dot instead
+  (softmax_block: tiles padded to 16 rows, 16-bit products made exact, see there): as broadcast-and-reduce over the
+  ring's rows, their serial chains of small tiles made the window programs latency-bound (batch 64 on the H100:
+  lolcats 136.0 us, now 117.5; liger 92.8, now 42.8; swa 47.6, now 7.4: bench/results/generate.md).
 """
 
 import torch

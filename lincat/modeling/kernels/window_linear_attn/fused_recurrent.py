@@ -37,6 +37,7 @@ from ..fused_utils import (TUNE, advance_pos, check_state, contig, feature_chunk
                            window_query)
 from ..utils import DEN_EPS
 
+
 @triton.jit
 def _window_part(q, k, v, gamma, win_k, win_v, win_valid, part, b64, hkv, h0, writer, p, ok_new, scale,
                  W: tl.constexpr, R: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,

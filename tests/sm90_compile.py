@@ -124,6 +124,16 @@ def decode_steps(dtype):
         st = dict(S=torch.zeros(b, hkv, d, d), pos=pos, ticket=ticket, **ring(window))
         fused_liger_step(q, k, q, k, v, 16.0, 0.5, d ** -0.5, st)
         fused_swa_step(q, k, v, d ** -0.5, window, {**ring(window), "pos": pos, "ticket": ticket})
+    # a window over two ring blocks (the online softmax across blocks; liger's weights again per column block), and
+    # swa's sinks
+    w2, ns = 100, 4
+    fused_lolcats_step(q, k, v, wq, wk, torch.rand(h), d ** -0.5, w2, {**lin, **ring(w2 + 1)})
+    fused_liger_step(q, k, q, k, v, 16.0, 0.5, d ** -0.5,
+                     dict(S=torch.zeros(b, hkv, d, d), pos=pos, ticket=ticket, **ring(w2)))
+    sinks = dict(sink_k=torch.zeros(b, ns + 1, hkv, d, dtype=dtype), sink_v=torch.zeros(b, ns + 1, hkv, d, dtype=dtype),
+                 sink_pos=torch.zeros(b, ns + 1, dtype=torch.long), sink_valid=torch.zeros(b, ns + 1, dtype=torch.bool),
+                 n_valid=torch.zeros(b, dtype=torch.long))
+    fused_swa_step(q, k, v, d ** -0.5, w2, {**ring(w2), "pos": pos, "ticket": ticket, **sinks})
 
 
 def main():

@@ -277,8 +277,8 @@ def bench_graph(fn, rep):
 
 
 def micro(configs, rep):
-    say("\n## 3. one decode step of one layer, Llama-3-8B heads (32 q / 8 KV heads, head_dim 128), bf16, "
-        "CUDA-graph replays (median)")
+    say("\n## 3. one decode step of one layer, Llama-3-8B heads (32 q / 8 KV heads, head_dim 128), "
+        f"window {HEADS['window']}, bf16, CUDA-graph replays (median)")
     import torch.nn.functional as F
     fused = fused_fns()
     try:
@@ -759,12 +759,14 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of sections to skip: check,long,micro,compile,tput,e2e")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "generate.md"))
+    ap.add_argument("--window", type=int, default=64, help="window of section 3's decode steps (lolcats, liger, swa)")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on CPU through Triton's interpreter: "
                     "checks that every code path runs (no meaningful numbers); writes to /tmp")
     args = ARGS = ap.parse_args()
     # inference only: with autograd on, a prefill's states carry its whole graph (and every config's activations)
     torch.set_grad_enabled(False)
     skip = set(filter(None, args.skip.split(",")))
+    HEADS["window"] = args.window
     if args.smoke_cpu:
         global DEV
         DEV = torch.device("cpu")

@@ -241,9 +241,10 @@ def test_fused_window_not_a_power_of_two(kind):
                                                ("liger", True, 0)])
 def test_fused_window_blocks(kind, shared, sinks, dtype, tune):
     """The window's online softmax over two 16-row ring blocks (a 20-token window), in fp32 and with 16-bit
-    queries and ring (16-bit tensor-core products, the weights split into two 16-bit parts for the values)."""
-    tune.update(ring_block=16)
-    p = Problem(kind, shared=shared, sinks=sinks, t=24, h=8, hkv=2, d=16, fh=8, window=20, seed=7)
+    queries and ring (16-bit tensor-core products, the weights split into two 16-bit parts for the values); value
+    columns in two blocks of 16 (liger picks each out of the window's whole readout)."""
+    tune.update(ring_block=16, bv=16)
+    p = Problem(kind, shared=shared, sinks=sinks, t=24, h=8, hkv=2, d=32, fh=8, window=20, seed=7)
     fused_matches_torch(p, 5, dtype, 1e-5 if dtype is None else 2e-3)
 
 

@@ -22,7 +22,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (TUNE, add_weighted, advance_pos, check_state, contig, group_block, p2, ring_block_scores,
-                           ring_block_values, ring_slots, sms, value_splits, window_query)
+                           ring_block_values, ring_slots, ring_softmax, sms, value_splits, window_query)
 from ..utils import DEN_EPS
 
 
@@ -30,7 +30,8 @@ from ..utils import DEN_EPS
 def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, ticket, scale, inv_gate_norm, mix, eps,
                 R: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 G: tl.constexpr, BG: tl.constexpr, BGD: tl.constexpr, BD: tl.constexpr, BRB: tl.constexpr,
-                BV: tl.constexpr, NDV: tl.constexpr, LOWP: tl.constexpr, HAS_VALID: tl.constexpr):
+                BV: tl.constexpr, BVP: tl.constexpr, NDV: tl.constexpr, LOWP: tl.constexpr,
+                HAS_VALID: tl.constexpr):
     pid = tl.program_id(0)
     j = pid % NDV
     bh = pid // NDV
@@ -64,25 +65,30 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
     qf = qe / tl.sum(qe, 1)[:, None]
 
     # window softmax over the ring with tensor-core products: the post-RoPE queries as rows of a tile padded to
-    # BGD >= 16 (fused_utils.softmax_block); the new token taken in its slot. Its max and sum first, over BRB rows
-    # at a time; the weighted values per column block below (weights kept when the ring is one block)
+    # BGD >= 16 (fused_utils.softmax_block), the new token taken in its slot. A ring of one block (the 64-token
+    # default): its weights once, then the weighted values per column block below. Longer rings: the online softmax
+    # over all the program's columns first, then each column block picked out of it (exact: sums of zeros).
     ogd = tl.arange(0, BGD)
     qt, kn = window_query(qr, kr, win_k, b64, h0, hkv, ogd, ogd < G, od, md, H, HKV, DK, LOWP)
-    m = tl.full([BGD], float("-inf"), tl.float32)
-    den = tl.zeros([BGD], tl.float32)
-    for r0 in tl.static_range(0, R, BRB):
-        orr = ring_slots(p, r0, R, R, BRB)
+    DVP: tl.constexpr = DV // NDV
+    if R <= BRB:
+        orr = ring_slots(p, 0, R, R, BRB)
         s = ring_block_scores(qt, kn, win_k, win_valid, ok_new, b64, hkv, orr, w_slot, scale, od, md, R, HKV, DK,
                               LOWP)
-        mn = tl.maximum(m, tl.max(s, 1))
-        ms = tl.where(mn == float("-inf"), 0.0, mn)
-        e = tl.exp(s - ms[:, None])
-        den = den * tl.exp(m - ms) + tl.sum(e, 1)
-        m = mn
-    m = tl.where(m == float("-inf"), 0.0, m)
+        m = tl.max(s, 1)
+        e = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        den = tl.sum(e, 1)
+    else:
+        cw = j * DVP + tl.arange(0, BVP)
+        mw = (tl.arange(0, BVP) < DVP) & (cw < DV)
+        vw = tl.load(v + (b64 * HKV + hkv) * DV + cw, mask=mw, other=0.0)
+        m, den, acc = ring_softmax(qt, kn, vw, win_k, win_v, win_valid, ok_new, b64, hkv, p, scale, od, md, cw, mw,
+                                   R, R, HKV, DK, DV, BRB, LOWP)
     rden = tl.where(den > eps, 1.0 / tl.maximum(den, eps), 0.0)  # no visible key (padding): 0
+    if R > BRB:
+        acc = tl.where((ogd < BG)[:, None], acc * rden[:, None], 0.0)
+        o_all = tl.reshape(tl.sum(tl.reshape(acc, [BGD // BG, BG, BVP]), 0), [BG, BVP // BV, BV])
 
-    DVP: tl.constexpr = DV // NDV
     sb = (b64 * HKV + hkv) * DK * DV
     for v0 in range(0, DVP, BV):
         cv = j * DVP + v0 + ov
@@ -94,19 +100,14 @@ def _liger_step(q, k, qr, kr, v, S, win_k, win_v, win_valid, o, valid, pos, tick
         st = tl.load(ptr, mask=m2, other=0.0) * decay[:, None] + kf[:, None] * vf[None, :]
         tl.store(ptr, st, mask=m2)
         o_gla = tl.sum(qf[:, :, None] * st[None, :, :], 1)
-        acc = tl.zeros([BGD, BV], tl.float32)
-        if R <= BRB:  # one block: its weights e (relative to the final max) are still here
-            acc = add_weighted(acc, e, ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R, HKV, DV), LOWP)
+        if R <= BRB:
+            acc = add_weighted(tl.zeros([BGD, BV], tl.float32), e,
+                               ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R, HKV, DV), LOWP)
+            # the tile's first BG rows, as the GLA readout's [BG, BV] (the padding rows zeroed and folded in)
+            acc = tl.where((ogd < BG)[:, None], acc * rden[:, None], 0.0)
+            o_swa = tl.sum(tl.reshape(acc, [BGD // BG, BG, BV]), 0)
         else:
-            for r0 in tl.static_range(0, R, BRB):
-                orr = ring_slots(p, r0, R, R, BRB)
-                s = ring_block_scores(qt, kn, win_k, win_valid, ok_new, b64, hkv, orr, w_slot, scale, od, md, R, HKV,
-                                      DK, LOWP)
-                vt = ring_block_values(vn, win_v, b64, hkv, orr, w_slot, cv, mv, R, HKV, DV)
-                acc = add_weighted(acc, tl.exp(s - m[:, None]), vt, LOWP)
-        # the tile's first BG rows, as the GLA readout's [BG, BV] (the padding rows zeroed and folded in)
-        acc = tl.where((ogd < BG)[:, None], acc * rden[:, None], 0.0)
-        o_swa = tl.sum(tl.reshape(acc, [BGD // BG, BG, BV]), 0)
+            o_swa = tl.sum(tl.where((tl.arange(0, BVP // BV) == v0 // BV)[None, :, None], o_all, 0.0), 1)
         out = mix * o_gla + (1.0 - mix) * o_swa
         tl.store(o + (b64 * H + h0 + og[:, None]) * DV + cv[None, :], out.to(o.dtype.element_ty),
                  mask=mg[:, None] & mv[None, :])
@@ -143,7 +144,7 @@ def fused_liger_step(q, k, qr, kr, v, gate_norm, mix, scale, state, valid=None):
         q, k, qr, kr, v, state["S"], state["win_k"], state["win_v"], state["win_valid"], o,
         valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale), 1.0 / float(gate_norm),
         float(mix), DEN_EPS, R=ring, H=h, HKV=hkv, DK=dk, DV=dv, G=g, BG=bg, BGD=max(16, bg), BD=max(16, bd),
-        BRB=max(16, min(TUNE["ring_block"] or 64, p2(ring))), BV=bv, NDV=ndv, LOWP=lowp,
-        HAS_VALID=valid is not None, num_warps=TUNE["num_warps"] or (4 if few else 2),
+        BRB=max(16, min(TUNE["ring_block"] or 64, p2(ring))), BV=bv, BVP=max(bv, p2(dv // ndv)), NDV=ndv,
+        LOWP=lowp, HAS_VALID=valid is not None, num_warps=TUNE["num_warps"] or (4 if few else 2),
     )
     return o

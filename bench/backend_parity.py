@@ -8,13 +8,8 @@ difference (bf16 arithmetic on both sides: expect about 1e-2 at most).
 """
 
 import json
-import os
-import sys
 
-# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
-# imports it (and stub out lincat)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _paths  # noqa: F401  (repository root on sys.path, bench/ off it)
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402

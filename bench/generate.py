@@ -37,10 +37,7 @@ if "--smoke-cpu" in sys.argv:  # before anything imports triton: its interpreter
 
 import torch  # noqa: E402
 
-# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
-# imports it (and stub out lincat)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _paths  # noqa: F401,E402  (repository root on sys.path, bench/ off it)
 
 import transformers  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402

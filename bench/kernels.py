@@ -24,11 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
-# imports it (and stub out lincat)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, REPO)
+from _paths import REPO  # noqa: E402  (repository root on sys.path, bench/ off it)
 if "lincat" not in sys.modules:  # the kernels only: skip lincat/__init__.py, which loads transformers and training
     _pkg = types.ModuleType("lincat")
     _pkg.__path__ = [os.path.join(REPO, "lincat")]

@@ -9,12 +9,10 @@ ships the corpus this way (xz-compressed: 9.7M lincat-ref tokens are 8 MB).
 
 import argparse
 import sys
-from pathlib import Path
 
+import _paths  # noqa: F401  (repository root on sys.path, bench/ off it)
 import numpy as np
 from transformers import AutoTokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lincat.eval.ppl import read_documents  # noqa: E402
 

@@ -11,8 +11,6 @@ small trained deltas this script packs into --out (the device has no lm-eval; se
 
 import argparse
 import json
-import os
-import sys
 import tarfile
 import time
 from datetime import datetime, timezone
@@ -20,10 +18,7 @@ from pathlib import Path
 
 import torch
 
-# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
-# imports it (and stub out lincat)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: F401,E402  (repository root on sys.path, bench/ off it)
 
 from lincat.eval.passkey import passkey_accuracy  # noqa: E402
 from lincat.eval.ppl import read_documents, strided_ppl, tokenize_documents  # noqa: E402

@@ -9,15 +9,10 @@ in-process. Prints a markdown table and writes JSON.
 import argparse
 import json
 import shutil
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-# bench/ off the path: its kernels.py would stand in for Hugging Face's `kernels` package when transformers
-# imports it (and stub out lincat)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: F401,E402  (repository root on sys.path, bench/ off it)
 
 from lincat.eval.harness import write_local_tasks  # noqa: E402
 from lincat.eval.runner import evaluate, load_any  # noqa: E402

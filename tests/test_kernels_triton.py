@@ -118,7 +118,9 @@ def _tune():
         (37, 8, 4, 2, 2, torch.float32),  # state shared by a query-head group
         (20, 24, 2, 1, 2, torch.float32),  # T < window: no linear term at all
         (21, 1, 2, 1, 2, torch.float32),  # window of one token
-        (45, 20, 2, 2, 2, torch.float32),  # window wider than a chunk (band of 2 chunks)
+        (45, 20, 2, 2, 2, torch.float32),  # window wider than a chunk (band of 3 chunks)
+        (45, 16, 2, 1, 2, torch.float32),  # window of a chunk: a band of 2 chunks, no older pair in the query's own
+        (37, 17, 4, 2, 2, torch.float32),  # window of a chunk and a token, state shared by a query-head group
         (37, 8, 2, 1, 2, torch.float16),  # fp16 chunk states
     ],
 )
@@ -164,6 +166,15 @@ def test_window_linear_attn_state_spacing(tokens, fuse_dkv):
     win_k.TUNE["state_tokens"] = 48
     with pytest.raises(ValueError, match="must be a power of two"):
         win_k.chunk_window_linear_attn(q, k, v, qf, kf, gamma, window, scale, chunk_size=C)
+
+
+def test_window_linear_attn_grid_limit():
+    """The softmax passes' grids hold the chunks in y and the linear passes' the batch x heads: past 65535 either
+    way the op says so before it launches anything."""
+    q, k, v, qf, kf, gamma = tensors(0, (65536, 1, 1, 16), (65536, 1, 1, 16), (65536, 1, 1, 16), (65536, 1, 1, 16),
+                                     (65536, 1, 1, 16), (1,), positive=(3, 4, 5))
+    with pytest.raises(ValueError, match="must stay below 65536"):
+        win_k.chunk_window_linear_attn(q, k, v, qf, kf, gamma, 8, 0.25, chunk_size=C)
 
 
 @pytest.mark.parametrize("t, window", [(37, 8), (20, 24)])

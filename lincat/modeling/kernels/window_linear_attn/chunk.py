@@ -8,8 +8,13 @@ the linear ones: it is part of the function, and its gradient is taken (through 
 
 Two passes, as in the Hedgehog op (linear_attn/chunk.py), whose state passes this op uses as they are: the states
 are stored first (the only serial loop; TUNE["state_tokens"] apart, 128 by default), then every chunk runs on its
-own, one program per (value block, chunk, batch x query head), from the last stored state at or before its band,
+own, one program per (chunk, batch x query head, value block), from the last stored state at or before its band,
 the keys between joining as older pairs.
+Grids: the softmax passes put the batch x head index first and the chunk second, the linear passes (output, dqf,
+dkf / dv) the chunk first, the batch x head index second and the column block last. Measured on the H100 (T = 8K,
+B = 4, bf16): 5.21 against 5.65 ms forward+backward with 8 KV heads, 5.76 against 5.90 with 32, for the same programs
+in the previous grids; why the grid's shape matters this much is not understood (for the linear passes the programs'
+linear order is unchanged), and the swa passes, the same experiment, are up to 1.75x slower in the other orders.
 Backward: the softmax part needs no state and runs flash-attention style (one program per query chunk for dq, one per
 key chunk and k/v head for dk and its share of dv). The linear part reads the stored states for dqf, and the reverse
 states (dh = sum over the queries after a point of qf dnum^T, stored as far apart as the forward's) for dkf and dv:
@@ -74,8 +79,8 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
          H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
          C: tl.constexpr, RS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
          HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """One program per (value block, chunk, batch x query head). The NS stored states are one per RS chunks."""
-    i_d, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program per (chunk, batch x query head, value block). The NS stored states are one per RS chunks."""
+    n, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
     hv = hk // (HK // HKV)  # the k/v head of every query head of this state
@@ -142,7 +147,7 @@ def _bwd_win_dq(q, k, v, gamma, valid, o, do, den, mx, amax, dq, delta, rsum, dm
                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Softmax part of dq, per query chunk; also stores delta = do . o, r = sum_j e_ij dA_ij (dgamma) and dm."""
-    n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, n = tl.program_id(0), tl.program_id(1)
     b, h = i_bh // H, i_bh % H
     hv = h // (H // HKV)
     c = tl.arange(0, C)
@@ -182,7 +187,7 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
                  BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Softmax part of dk and dv, per key chunk and k/v head, summed over the query heads that read it. Scores are
     formed keys by queries, so that dk = ds^T q needs no transpose of a product."""
-    kc, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, kc = tl.program_id(0), tl.program_id(1)
     b, hv = i_bh // HKV, i_bh % HKV
     G: tl.constexpr = H // HKV
     c = tl.arange(0, C)
@@ -228,9 +233,9 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
             H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
             C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr,
             PREC: tl.constexpr):
-    """Linear part of dqf, per (feature block, query chunk, batch x query head): dnum h^T + dden z with the
+    """Linear part of dqf, per (query chunk, batch x query head, feature block): dnum h^T + dden z with the
     forward's stored state (one per RS chunks) at or before the band, plus the older pairs after it."""
-    i_f, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_bh, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
     hv = hk // (HK // HKV)
@@ -267,13 +272,13 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
              C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DKF: tl.constexpr,
              DV: tl.constexpr, ADD_DVW: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Linear part of dkf (DKF) and / or of dv (DV), per key chunk kc and batch x state head; with only one of them,
-    program_id(0) is a block of its columns (BF of F for dkf, BD of D for dv) and the other dim is covered whole.
+    program_id(2) is a block of its columns (BF of F for dkf, BD of D for dv) and the other dim is covered whole.
     The queries of chunks after kc + P see all of kc as older than their band: their share is the reverse state
     stored at or after them (one per RS chunks: NS of them, the one for the queries from chunk RS * (js + 1) on,
     js = (kc + P) // RS), and the query chunks between kc + P and that state are added explicitly, as are the
     band's own older pairs, formed keys by queries, in one flat loop over (query chunk, query head of the group).
     ADD_DVW: one state head per k/v head, so this pass adds the softmax part and stores the final dv."""
-    i_x, kc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kc, i_bh, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = i_bh // HK, i_bh % HK
     G: tl.constexpr = H // HK
     hv = hk // (HK // HKV)
@@ -370,6 +375,9 @@ class _WindowLinearAttn(torch.autograd.Function):
         hkv, hk, f, d = k.shape[2], kf.shape[2], kf.shape[-1], v.shape[-1]
         c, p = chunk, _band(window, chunk)
         nc = triton.cdiv(t, c)
+        if max(nc, b * h) > 65535:  # the grids' y dimension holds one of them
+            raise ValueError(f"window_linear_attn: {nc} chunks of {c} tokens and {b * h} batch x heads; each must stay "
+                             "below 65536 (split the batch, or the sequence with initial_state)")
         bk, bf = p2(dk), p2(f)
         bd = fit(p2(d), bf, TUNE["fwd_bd"])
         prec = dot_precision(v.dtype)
@@ -383,7 +391,7 @@ class _WindowLinearAttn(torch.autograd.Function):
         den = torch.empty(b, t, h, **f32)
         mx = torch.empty(b, t, h, **f32)
         amax = torch.empty(b, t, h, device=dev, dtype=torch.int32)
-        _fwd[(triton.cdiv(d, bd), nc, b * h)](
+        _fwd[(nc, b * h, triton.cdiv(d, bd))](
             q, k, v, qf, kf, gamma, vmask, o, den, mx, amax, hs, hz, t, window, p, hs.shape[2], scale, DEN_EPS,
             H=h, HKV=hkv, HK=hk, DK=dk, F=f, D=d, C=c, RS=rs, BK=bk, BF=bf, BD=bd,
             HAS_VALID=valid is not None, PREC=prec, **_opts(c, max(bk, bf), bd))
@@ -414,18 +422,18 @@ class _WindowLinearAttn(torch.autograd.Function):
         delta = torch.empty(b, t, h, **f32)
         rsum = torch.empty(b, t, h, **f32)
         dmx = torch.empty(b, t, h, **f32)
-        _bwd_win_dq[(n, b * h)](q, k, v, gamma, vmask, o, do, den, mx, amax, dq, delta, rsum, dmx,
+        _bwd_win_dq[(b * h, n)](q, k, v, gamma, vmask, o, do, den, mx, amax, dq, delta, rsum, dmx,
                                 t, window, p, scale, DEN_EPS, **win, **_opts(c, bk, bd))
         dk_ = torch.empty_like(k)
         dvw = torch.empty(b, t, hkv, d, **f32)
-        _bwd_win_dkv[(n, b * hkv)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw,
+        _bwd_win_dkv[(b * hkv, n)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw,
                                    t, window, p, scale, DEN_EPS, **win, **_win_dkv_opts(c, bk, bd, h == hkv))
 
         # linear part: dqf from the stored states; dkf and dv from the reverse states (the final state's gradient
         # is added in PyTorch below, so none enters them)
         dqf = torch.empty_like(qf)
         bf_q = fit(bf, bd, TUNE["bwd_block"])
-        _bwd_dq[(triton.cdiv(f, bf_q), n, b * h)](
+        _bwd_dq[(n, b * h, triton.cdiv(f, bf_q))](
             v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, hs.shape[2], DEN_EPS, BF=bf_q, BD=bd, **lin,
             **_opts(c, bf_q, bd))
         need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
@@ -435,13 +443,13 @@ class _WindowLinearAttn(torch.autograd.Function):
         dkf = torch.empty_like(kf)
         args = (qf, kf, v, vmask, do, den, delta, dvw, dkf, dv_, dhs, dhz, t, window, p, n, dhs.shape[2], DEN_EPS)
         if TUNE["fuse_dkv"] and bf * bd <= 128 * 128:
-            _bwd_dkv[(1, n, b * hk)](*args, BF=bf, BD=bd, DKF=True, DV=True, ADD_DVW=add_dvw, **lin,
+            _bwd_dkv[(n, b * hk, 1)](*args, BF=bf, BD=bd, DKF=True, DV=True, ADD_DVW=add_dvw, **lin,
                                      **_opts(c, bf, bd))
         else:
             bd_v = fit(bd, bf, TUNE["bwd_block"])
-            _bwd_dkv[(triton.cdiv(f, bf_q), n, b * hk)](
+            _bwd_dkv[(n, b * hk, triton.cdiv(f, bf_q))](
                 *args, BF=bf_q, BD=bd, DKF=True, DV=False, ADD_DVW=add_dvw, **lin, **_opts(c, bf_q, bd))
-            _bwd_dkv[(triton.cdiv(d, bd_v), n, b * hk)](
+            _bwd_dkv[(n, b * hk, triton.cdiv(d, bd_v))](
                 *args, BF=bf, BD=bd_v, DKF=False, DV=True, ADD_DVW=add_dvw, **lin, **_opts(c, bf, bd_v))
         if not add_dvw:
             dv_ = (dvw + dv_.view(b, t, hkv, hk // hkv, d).sum(3)).to(v.dtype)

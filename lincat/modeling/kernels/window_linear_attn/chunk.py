@@ -11,10 +11,11 @@ are stored first (the only serial loop; TUNE["state_tokens"] apart, 128 by defau
 own, one program per (chunk, batch x query head, value block), from the last stored state at or before its band,
 the keys between joining as older pairs.
 Grids: the softmax passes put the batch x head index first and the chunk second, the linear passes (output, dqf,
-dkf / dv) the chunk first, the batch x head index second and the column block last. Measured on the H100 (T = 8K,
-B = 4, bf16): 5.21 against 5.65 ms forward+backward with 8 KV heads, 5.76 against 5.90 with 32, for the same programs
-in the previous grids; why the grid's shape matters this much is not understood (for the linear passes the programs'
-linear order is unchanged), and the swa passes, the same experiment, are up to 1.75x slower in the other orders.
+dkf / dv) the chunk first, the batch x head index second and the column block last. On the H100 (T = 8K, B = 4,
+bf16; bench/results/kernels.md): 5.31 against 5.72 ms forward+backward with 8 KV heads, 5.85 against 5.96 with 32,
+for the same programs in the previous grids. Why the grid's shape matters this much is not understood (for the
+linear passes the programs' linear order is unchanged); the swa passes, in the same experiment, were up to 1.75x
+slower in other orders, and keep theirs.
 Backward: the softmax part needs no state and runs flash-attention style (one program per query chunk for dq, one per
 key chunk and k/v head for dk and its share of dv). The linear part reads the stored states for dqf, and the reverse
 states (dh = sum over the queries after a point of qf dnum^T, stored as far apart as the forward's) for dkf and dv:

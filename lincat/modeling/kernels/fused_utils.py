@@ -71,6 +71,19 @@ def value_splits(dv: int, bv: int, programs: int, device) -> int:
     return n
 
 
+def window_lowp(qr, state) -> bool:
+    """16-bit window products (fused_utils.key_scores / add_weighted) only when the queries and every ring and sink
+    row of the state share that 16-bit dtype; else fp32 ones."""
+    return qr.dtype in (torch.float16, torch.bfloat16) and all(
+        state[n].dtype == qr.dtype for n in ("win_k", "win_v", "sink_k", "sink_v") if n in state)
+
+
+def ring_block(rows: int) -> int:
+    """Ring rows per block of the window's online softmax: TUNE["ring_block"] (64 by default), at most the window
+    rounded up to a power of two, at least tl.dot's 16."""
+    return max(16, min(TUNE["ring_block"] or 64, p2(rows)))
+
+
 def contig(*xs):
     return [x if x.is_contiguous() else x.contiguous() for x in xs]
 

@@ -21,8 +21,9 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (TUNE, add_weighted, advance_pos, check_state, contig, group_block, p2, ring_block_scores,
-                           ring_block_values, ring_slots, ring_softmax, sms, value_splits, window_query)
+from ..fused_utils import (TUNE, add_weighted, advance_pos, check_state, contig, group_block, p2, ring_block,
+                           ring_block_scores, ring_block_values, ring_slots, ring_softmax, sms, value_splits,
+                           window_lowp, window_query)
 from ..utils import DEN_EPS
 
 
@@ -138,13 +139,11 @@ def fused_liger_step(q, k, qr, kr, v, gate_norm, mix, scale, state, valid=None):
     bv = max(16, TUNE["bv"] or min(p2(dv), 32 if few else 16))
     ndv = value_splits(dv, bv, b * hkv, v.device)
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
-    # 16-bit window products only when the queries and the ring share that dtype (else fp32 ones)
-    lowp = qr.dtype in (torch.float16, torch.bfloat16) and state["win_k"].dtype == state["win_v"].dtype == qr.dtype
     _liger_step[(b * hkv * ndv,)](
         q, k, qr, kr, v, state["S"], state["win_k"], state["win_v"], state["win_valid"], o,
         valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale), 1.0 / float(gate_norm),
         float(mix), DEN_EPS, R=ring, H=h, HKV=hkv, DK=dk, DV=dv, G=g, BG=bg, BGD=max(16, bg), BD=max(16, bd),
-        BRB=max(16, min(TUNE["ring_block"] or 64, p2(ring))), BV=bv, BVP=max(bv, p2(dv // ndv)), NDV=ndv,
-        LOWP=lowp, HAS_VALID=valid is not None, num_warps=TUNE["num_warps"] or (4 if few else 2),
+        BRB=ring_block(ring), BV=bv, BVP=max(bv, p2(dv // ndv)), NDV=ndv,
+        LOWP=window_lowp(qr, state), HAS_VALID=valid is not None, num_warps=TUNE["num_warps"] or (4 if few else 2),
     )
     return o

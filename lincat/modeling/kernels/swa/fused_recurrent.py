@@ -20,8 +20,8 @@ try:
 except ImportError:  # transformers' remote-code import check skips try blocks; ops.py falls back to PyTorch
     raise
 
-from ..fused_utils import (TUNE, check_state, contig, key_scores, last_to_arrive, p2, ring_softmax, softmax_block,
-                           value_splits, window_query)
+from ..fused_utils import (TUNE, check_state, contig, key_scores, last_to_arrive, p2, ring_block, ring_softmax,
+                           softmax_block, value_splits, window_lowp, window_query)
 from ..utils import DEN_EPS
 
 
@@ -109,14 +109,12 @@ def fused_swa_step(qr, kr, v, scale, window, state, valid=None):
     ndv = value_splits(dv, TUNE["bv"] or 16, b * hkv, v.device)
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
     sk = [state[n] for n in ("sink_k", "sink_v", "sink_pos", "sink_valid", "n_valid")] if sinks else [o] * 5
-    # 16-bit products only when the queries and the ring share that dtype (else fp32 ones); tl.dot tiles >= 16
-    lowp = qr.dtype in (torch.float16, torch.bfloat16) and all(
-        state[n].dtype == qr.dtype for n in ("win_k", "win_v", "sink_k", "sink_v") if n in state)
+    # tl.dot tiles >= 16
     _swa_step[(b * hkv * ndv,)](
         qr, kr, v, state["win_k"], state["win_v"], state["win_valid"], *sk, o, valid.contiguous() if valid is not None else o,
         state["pos"], state["ticket"], float(scale), DEN_EPS, R=ring, NS=ns, H=h, HKV=hkv, DK=dk, DV=dv, G=g,
-        BGD=max(16, p2(g)), BD=max(16, p2(dk)), BRB=max(16, min(TUNE["ring_block"] or 64, p2(ring))),
-        BS=max(16, p2(ns)), BV=max(16, p2(dv // ndv)), NDV=ndv, LOWP=lowp, HAS_VALID=valid is not None,
+        BGD=max(16, p2(g)), BD=max(16, p2(dk)), BRB=ring_block(ring),
+        BS=max(16, p2(ns)), BV=max(16, p2(dv // ndv)), NDV=ndv, LOWP=window_lowp(qr, state), HAS_VALID=valid is not None,
         HAS_SINKS=sinks, W=window, num_warps=TUNE["num_warps"] or 4,
     )
     return o

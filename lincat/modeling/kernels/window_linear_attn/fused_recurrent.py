@@ -33,8 +33,8 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..fused_utils import (TUNE, advance_pos, check_state, contig, feature_chunk, group_block, group_features,
-                           last_to_arrive, p2, ring_softmax, row_features, sms, value_splits,
-                           window_query)
+                           last_to_arrive, p2, ring_block, ring_softmax, row_features, sms, value_splits,
+                           window_lowp, window_query)
 from ..utils import DEN_EPS
 
 
@@ -215,14 +215,13 @@ def fused_lolcats_step(qr, kr, v, wq, wk, gamma, scale, window, state, valid=Non
         splits = value_splits(dv, bv, b * hs, qr.device)
         splits = splits if dv % (splits * bv) == 0 else 1
     o = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
-    # 16-bit products only when the queries and the ring share that dtype (else fp32 ones); tl.dot tiles >= 16
-    lowp = qr.dtype in (torch.float16, torch.bfloat16) and state["win_k"].dtype == state["win_v"].dtype == qr.dtype
+    # tl.dot tiles >= 16
     _lolcats_step[(b * (hs * splits + hkv * n_win),)](
         qr, kr, v, wq, wk, gamma, state["S"], state["z"], state["win_k"], state["win_v"], state["win_valid"], o,
         opart, oticket, valid.contiguous() if valid is not None else o, state["pos"], state["ticket"], float(scale),
         DEN_EPS, W=window, R=ring, H=h, HS=hs, HKV=hkv, DK=dk, FH=fh, DV=dv, G=g, BG=bg, BGW=p2(gw), BD=bd, BF=bf,
         BFC=feature_chunk(bd, bg, bf), BKC=feature_chunk(bd, 1, bf), BV=bv, BDV=p2(dv), SPLITS=splits, NW=n_win,
-        BGD=max(16, p2(gw // n_win)), BDD=max(16, bd), BRB=max(16, min(TUNE["ring_block"] or 64, p2(window))),
-        BVD=max(16, p2(dv)), LOWP=lowp, HAS_VALID=valid is not None, num_warps=nw,
+        BGD=max(16, p2(gw // n_win)), BDD=max(16, bd), BRB=ring_block(window),
+        BVD=max(16, p2(dv)), LOWP=window_lowp(qr, state), HAS_VALID=valid is not None, num_warps=nw,
     )
     return o

@@ -47,8 +47,10 @@ for _m in (chunk_utils, gla_k, la_k, swa_k, win_k, hmap_k):  # helpers first, He
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 C = 16  # chunk size
-# as on the GPU (64-token chunks, states 128 tokens apart), a stored lolcats state every two chunks
+# as on the GPU (64-token chunks, states 128 tokens apart, 32-row query tiles in the softmax dk / dv pass), a stored
+# lolcats state every two chunks and query tiles of half a chunk
 win_k.TUNE["state_tokens"] = 2 * C
+win_k.TUNE["win_queries"] = C // 2
 
 
 def rel(a, b):
@@ -146,13 +148,14 @@ def test_window_linear_attn(t, window, h, hkv, hk, dtype):
         close("dgamma", grads[5], rgrads[5], tol)
 
 
-@pytest.mark.parametrize("tokens, fuse_dkv", [(16, True), (64, True), (64, False)])
-def test_window_linear_attn_state_spacing(tokens, fuse_dkv):
+@pytest.mark.parametrize("tokens, fuse_dkv, fuse_dq, win_queries", [
+    (16, True, True, 8), (64, True, True, 8), (64, False, False, 16), (64, True, False, 4)])
+def test_window_linear_attn_state_spacing(tokens, fuse_dkv, fuse_dq, win_queries):
     """The forward stores one linear state per `tokens` (2 chunks elsewhere in these tests, as on the GPU);
     the keys between that state and a chunk's band join as older pairs. Any spacing gives the same outputs and
-    gradients, with the linear part's dkf and dv in one pass or two; spacings that are not a power of two are
-    refused."""
-    win_k.TUNE.update(state_tokens=tokens, fuse_dkv=fuse_dkv)
+    gradients, with the linear part's dkf and dv in one pass or two, its dqf in the softmax dq pass or its own, and
+    any query tile in the softmax dk / dv pass; spacings that are not a power of two are refused."""
+    win_k.TUNE.update(state_tokens=tokens, fuse_dkv=fuse_dkv, fuse_dq=fuse_dq, win_queries=win_queries)
     b, t, h, d, f, window = 1, 83, 2, 16, 16, 8
     q, k, v, qf, kf, gamma = tensors(7, (b, t, h, d), (b, t, 1, d), (b, t, 1, d), (b, t, h, f), (b, t, h, f), (h,),
                                      positive=(3, 4, 5))

@@ -10,16 +10,17 @@ Two passes, as in the Hedgehog op (linear_attn/chunk.py), whose state passes thi
 are stored first (the only serial loop; TUNE["state_tokens"] apart, 128 by default), then every chunk runs on its
 own, one program per (chunk, batch x query head, value block), from the last stored state at or before its band,
 the keys between joining as older pairs.
-Grids: the softmax passes put the batch x head index first and the chunk second, the linear passes (output, dqf,
-dkf / dv) the chunk first, the batch x head index second and the column block last. On the H100 (T = 8K, B = 4,
-bf16; bench/results/kernels.md): 5.31 against 5.72 ms forward+backward with 8 KV heads, 5.85 against 5.96 with 32,
-for the same programs in the previous grids. Why the grid's shape matters this much is not understood (for the
-linear passes the programs' linear order is unchanged); the swa passes, in the same experiment, were up to 1.75x
-slower in other orders, and keep theirs.
-Backward: the softmax part needs no state and runs flash-attention style (one program per query chunk for dq, one per
-key chunk and k/v head for dk and its share of dv). The linear part reads the stored states for dqf, and the reverse
-states (dh = sum over the queries after a point of qf dnum^T, stored as far apart as the forward's) for dkf and dv:
-key chunk kc takes the first one past its band's reach, and the query chunks between explicitly, as older pairs.
+Grids: the softmax dk / dv pass puts the batch x head index first and the chunk second; the others (output, dq and
+dqf, linear dkf / dv) the chunk first, the batch x head index second and the column block last. On the H100 (T = 8K,
+B = 4, bf16; bench/results/kernels.md): 5.31 against 5.72 ms forward+backward with 8 KV heads, 5.85 against 5.96
+with 32, for the same programs in the previous grids; the dq pass, once it also formed dqf, 4.88 against 4.93 ms
+chunk first. Why the grid's shape matters this much is not understood (for the linear passes the programs' linear
+order is unchanged); the swa passes, in the same experiment, were up to 1.75x slower in other orders, and keep theirs.
+Backward: the softmax part needs no state and runs flash-attention style: one program per query chunk for dq (which
+goes on to the linear part's dqf, from the stored states), one per key chunk and k/v head for dk and the softmax share
+of dv. The linear dkf and dv read the reverse states (dh = sum over the queries after a point of qf dnum^T, stored as
+far apart as the forward's): key chunk kc takes the first one past its band's reach, and the query chunks between
+explicitly, as older pairs.
 """
 
 import math
@@ -44,9 +45,11 @@ from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 # chunks: the state pass writes, and the output pass reads, half the states of one per chunk, for one more chunk of
 # older pairs in odd chunks; 1.18x / 1.09x faster forward / forward+backward on the H100 than 64); fuse_dkv, the
 # linear part's dkf and dv in one pass (while F x D <= 128 x 128), which reads each query chunk's qf and do once for
-# both (6.45 against 6.51 ms forward+backward at T = 8K). The state passes' knobs are linear_attn/chunk.py's TUNE.
+# both (6.45 against 6.51 ms forward+backward at T = 8K); fuse_dq, the linear dqf in the softmax dq pass (while F fits
+# one block); win_queries, rows of the query tiles in the softmax dk / dv pass (at most the chunk). The state passes'
+# knobs are linear_attn/chunk.py's TUNE.
 TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128,
-        "fuse_dkv": True}
+        "fuse_dkv": True, "fuse_dq": True, "win_queries": 32}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -144,11 +147,14 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
 
 
 @triton.jit
-def _bwd_win_dq(q, k, v, gamma, valid, o, do, den, mx, amax, dq, delta, rsum, dmx, T, W, P, scale, eps,
-                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Softmax part of dq, per query chunk; also stores delta = do . o, r = sum_j e_ij dA_ij (dgamma) and dm."""
-    i_bh, n = tl.program_id(0), tl.program_id(1)
+def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, hs, hz, T, W, P, NS,
+                scale, eps, H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr,
+                D: tl.constexpr, C: tl.constexpr, RS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                BD: tl.constexpr, LIN: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Softmax part of dq, per (query chunk, batch x query head); also stores delta = do . o, r = sum_j e_ij dA_ij
+    (dgamma) and dm. LIN: then the linear part's dqf as _bwd_dq forms it (all of F in one block), from the do tile
+    already loaded (4.92 against 5.07 ms forward+backward at T = 8K on the H100, bench/results/kernels.md)."""
+    n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h = i_bh // H, i_bh % H
     hv = h // (H // HKV)
     c = tl.arange(0, C)
@@ -180,32 +186,41 @@ def _bwd_win_dq(q, k, v, gamma, valid, o, do, den, mx, amax, dq, delta, rsum, dm
     tl.store(row_ptrs(delta, b, h, tq, T, H)[0], dl, mask=mr)
     tl.store(row_ptrs(rsum, b, h, tq, T, H)[0], r, mask=mr)
     tl.store(row_ptrs(dmx, b, h, tq, T, H)[0], dm, mask=mr)
+    if LIN:
+        f = tl.arange(0, BF)
+        dqt = _older_dq(v, kf, valid, dnum, -dl * rden, hs, hz, b, h // (H // HK), hv, n, tq, c, f, d, T, W, P, NS,
+                        HKV, HK, F, D, C, RS, HAS_VALID, PREC)
+        store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
 @triton.jit
 def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, T, W, P, scale, eps,
                  H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-                 BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+                 CQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Softmax part of dk and dv, per key chunk and k/v head, summed over the query heads that read it. Scores are
-    formed keys by queries, so that dk = ds^T q needs no transpose of a product."""
+    formed keys by queries, so that dk = ds^T q needs no transpose of a product. The queries come in tiles of
+    CQ <= C rows: with 32 of a 64-token chunk the loop's tiles no longer spill at 4 warps (this pass 0.87 against
+    1.64 ms at T = 8K on the H100, forward+backward 4.92 against 5.67 with 64, bench/results/kernels.md)."""
     i_bh, kc = tl.program_id(0), tl.program_id(1)
     b, hv = i_bh // HKV, i_bh % HKV
     G: tl.constexpr = H // HKV
-    c = tl.arange(0, C)
+    c = tl.arange(0, CQ)
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
-    tk = kc * C + c
+    tk = kc * C + tl.arange(0, C)
     ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
     kt = load(k, b, hv, tk, x, T, HKV, DK)
     vt = load(v, b, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
-    # one flat loop over (query chunk, query head): nested loops carrying the accumulators spill registers
-    n_q = tl.minimum(kc + P, tl.cdiv(T, C) - 1) + 1 - kc
+    # one flat loop over (query tile, query head): nested loops carrying the accumulators spill registers. The
+    # tiles run from the chunk's first key to its last key's window (W - 1 queries on)
+    q0 = kc * C // CQ
+    n_q = tl.minimum((kc * C + C + W - 2) // CQ, tl.cdiv(T, CQ) - 1) + 1 - q0
     for it in range(0, n_q * G):
-        qn = kc + it // G
+        qn = q0 + it // G
         h = hv * G + it % G
-        tq = qn * C + c
+        tq = qn * CQ + c
         rel = tk[:, None] - tq[None, :]
         win = (rel <= 0) & (rel > -W) & ok[:, None]
         pr, mr = row_ptrs(den, b, h, tq, T, H)
@@ -230,26 +245,11 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
 
 
 @triton.jit
-def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
-            H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-            C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr,
-            PREC: tl.constexpr):
-    """Linear part of dqf, per (query chunk, batch x query head, feature block): dnum h^T + dden z with the
-    forward's stored state (one per RS chunks) at or before the band, plus the older pairs after it."""
-    n, i_bh, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = i_bh // H, i_bh % H
-    hk = h // (H // HK)
-    hv = hk // (HK // HKV)
-    c = tl.arange(0, C)
-    f = i_f * BF + tl.arange(0, BF)
-    d = tl.arange(0, BD)
-    tq = n * C + c
-    dot_ = load(do, b, h, tq, d, T, H, D)
-    pr, mr = row_ptrs(den, b, h, tq, T, H)
-    dn = tl.load(pr, mask=mr, other=1.0)
-    rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-    dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
-    dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+def _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, HKV: tl.constexpr,
+              HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr, C: tl.constexpr, RS: tl.constexpr,
+              HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Query chunk n's linear dqf (columns f): dnum h^T + dden z with the forward's stored state (one per RS chunks)
+    at or before the band, plus the older pairs after it."""
     js = tl.maximum(n - P, 0) // RS
     ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, js, NS, f, d, HK, F, D, True)
     ST = tl.load(ps, mask=ms, other=0.0).to(dnum.dtype)
@@ -264,6 +264,32 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
             da = tl.where(tk[None, :] - tq[:, None] <= -W, da, 0.0)
             kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
             dqt = tl.dot(da.to(kft.dtype), kft, acc=dqt, input_precision=PREC)
+    return dqt
+
+
+@triton.jit
+def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
+            H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+            C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr,
+            PREC: tl.constexpr):
+    """Linear part of dqf, per (query chunk, batch x query head, feature block), when the softmax dq pass does not
+    form it (F wider than one block)."""
+    n, i_bh, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = i_bh // H, i_bh % H
+    hk = h // (H // HK)
+    hv = hk // (HK // HKV)
+    c = tl.arange(0, C)
+    f = i_f * BF + tl.arange(0, BF)
+    d = tl.arange(0, BD)
+    tq = n * C + c
+    dot_ = load(do, b, h, tq, d, T, H, D)
+    pr, mr = row_ptrs(den, b, h, tq, T, H)
+    dn = tl.load(pr, mask=mr, other=1.0)
+    rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+    dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
+    dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+    dqt = _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, HKV, HK, F, D, C, RS,
+                    HAS_VALID, PREC)
     store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
@@ -350,16 +376,6 @@ def _state_every(c: int) -> int:
     return max(1, min(n, 128) // c)
 
 
-def _win_dkv_opts(c: int, bk: int, bd: int, one_query_head: bool) -> dict:
-    """The softmax dk/dv pass keeps two fp32 [C, D] accumulators: at 4 warps they spill (392 bytes of stack a
-    thread). With one query head per k/v head, 8 warps (6.02 against 6.51 ms forward+backward at T = 8K on the
-    H100); with 4 query heads per program (GQA), whose grid is 4x smaller, 4 warps stay faster (5.68 against 5.74)."""
-    opts = _opts(c, bk, bd)
-    if one_query_head and not TUNE["num_warps"]:
-        opts["num_warps"] = 8
-    return opts
-
-
 def _band(window: int, c: int) -> int:
     return math.ceil((window - 1) / c) if window > 1 else 0
 
@@ -418,25 +434,29 @@ class _WindowLinearAttn(torch.autograd.Function):
         win = dict(H=h, HKV=hkv, DK=dk, D=d, C=c, BK=bk, BD=bd, HAS_VALID=valid is not None, PREC=prec)
         lin = dict(H=h, HKV=hkv, HK=hk, F=f, D=d, C=c, RS=rs, HAS_VALID=valid is not None, PREC=prec)
 
-        # softmax part: dq (and delta, which the linear part needs), then dk and the softmax share of dv
+        # softmax part: dq (and delta, which the linear part needs; with fuse_dq, dqf too), then dk and the softmax
+        # share of dv
         dq = torch.empty_like(q)
+        dqf = torch.empty_like(qf)
         delta = torch.empty(b, t, h, **f32)
         rsum = torch.empty(b, t, h, **f32)
         dmx = torch.empty(b, t, h, **f32)
-        _bwd_win_dq[(b * h, n)](q, k, v, gamma, vmask, o, do, den, mx, amax, dq, delta, rsum, dmx,
-                                t, window, p, scale, DEN_EPS, **win, **_opts(c, bk, bd))
+        bf_q = fit(bf, bd, TUNE["bwd_block"])
+        fuse_dq = TUNE["fuse_dq"] and bf_q >= f
+        _bwd_win_dq[(n, b * h)](q, k, v, kf, gamma, vmask, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, hs, hz, t,
+                                window, p, hs.shape[2], scale, DEN_EPS, HK=hk, F=f, RS=rs, BF=bf_q, LIN=fuse_dq, **win,
+                                **_opts(c, max(bk, bf_q), bd))
         dk_ = torch.empty_like(k)
         dvw = torch.empty(b, t, hkv, d, **f32)
-        _bwd_win_dkv[(b * hkv, n)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw,
-                                   t, window, p, scale, DEN_EPS, **win, **_win_dkv_opts(c, bk, bd, h == hkv))
+        _bwd_win_dkv[(b * hkv, n)](q, k, v, gamma, vmask, do, den, mx, amax, delta, dmx, dk_, dvw, t, window, p,
+                                   scale, DEN_EPS, CQ=min(TUNE["win_queries"], c), **win, **_opts(c, bk, bd))
 
-        # linear part: dqf from the stored states; dkf and dv from the reverse states (the final state's gradient
-        # is added in PyTorch below, so none enters them)
-        dqf = torch.empty_like(qf)
-        bf_q = fit(bf, bd, TUNE["bwd_block"])
-        _bwd_dq[(n, b * h, triton.cdiv(f, bf_q))](
-            v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, hs.shape[2], DEN_EPS, BF=bf_q, BD=bd, **lin,
-            **_opts(c, bf_q, bd))
+        # linear part: dqf from the stored states (unless fused above); dkf and dv from the reverse states (the final
+        # state's gradient is added in PyTorch below, so none enters them)
+        if not fuse_dq:
+            _bwd_dq[(n, b * h, triton.cdiv(f, bf_q))](
+                v, kf, vmask, do, den, delta, dqf, hs, hz, t, window, p, hs.shape[2], DEN_EPS, BF=bf_q, BD=bd, **lin,
+                **_opts(c, bf_q, bd))
         need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, None, None, c * rs, prec, need_d0, hs)
         add_dvw = hk == hkv  # one state head per k/v head: it finishes dv; else fp32 partials summed below

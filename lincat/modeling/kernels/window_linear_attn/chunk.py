@@ -58,7 +58,10 @@ TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "stat
 
 # Never tl.trans a tl.dot result: Triton 3.4 to 3.7.0 miscompiles that on Hopper (fla issue 640). Products that need
 # a transposed result are formed transposed instead (tl.dot(k, tl.trans(q)) rather than tl.trans(tl.dot(q, ...))),
-# and the passes that multiply by S^T load it transposed. Transposing loaded tiles is fine.
+# and the passes that multiply by S^T load it transposed. Transposing loaded tiles is fine, with one exception seen
+# on the H100 (triton 3.6): a key tile used in one loop iteration both as is and transposed, each time as the left
+# operand (tl.dot(kt, ...) and tl.dot(tl.trans(kt), ...)), made the compiled pass access memory out of bounds; a second
+# load of the tile through transposed pointers did not.
 
 
 @triton.jit

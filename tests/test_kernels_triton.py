@@ -172,8 +172,8 @@ def test_window_linear_attn_state_spacing(tokens, fuse_dkv, fuse_dq, win_queries
 
 
 def test_window_linear_attn_grid_limit():
-    """The softmax passes' grids hold the chunks in y and the linear passes' the batch x heads: past 65535 either
-    way the op says so before it launches anything."""
+    """The softmax dk / dv pass's grid holds the chunks in y and the other passes' the batch x heads: past 65535
+    either way the op says so before it launches anything."""
     q, k, v, qf, kf, gamma = tensors(0, (65536, 1, 1, 16), (65536, 1, 1, 16), (65536, 1, 1, 16), (65536, 1, 1, 16),
                                      (65536, 1, 1, 16), (1,), positive=(3, 4, 5))
     with pytest.raises(ValueError, match="must stay below 65536"):

@@ -123,6 +123,7 @@ def _tune():
         (45, 20, 2, 2, 2, torch.float32),  # window wider than a chunk (band of 3 chunks)
         (45, 16, 2, 1, 2, torch.float32),  # window of a chunk: a band of 2 chunks, no older pair in the query's own
         (37, 17, 4, 2, 2, torch.float32),  # window of a chunk and a token, state shared by a query-head group
+        (37, 8, 4, 1, 4, torch.float32),  # 4 state heads per k/v head: the dv pass sums their shares
         (37, 8, 2, 1, 2, torch.float16),  # fp16 chunk states
     ],
 )

@@ -44,10 +44,10 @@ from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 # 1.8x slower); state_tokens, tokens between stored linear states, a power of two up to 128 (128 with 64-token
 # chunks: the state pass writes, and the output pass reads, half the states of one per chunk, for one more chunk of
 # older pairs in odd chunks; 1.18x / 1.09x faster forward / forward+backward on the H100 than 64); fuse_dkv, the
-# linear part's dkf and dv in one pass (while F x D <= 128 x 128), which reads each query chunk's qf and do once for
-# both (6.45 against 6.51 ms forward+backward at T = 8K); fuse_dq, the linear dqf in the softmax dq pass (while F fits
-# one block); win_queries, rows of the query tiles in the softmax dk / dv pass (at most the chunk). The state passes'
-# knobs are linear_attn/chunk.py's TUNE.
+# linear part's dkf and dv in one pass (while F x D <= 128 x 128 and each k/v head has one state head), which reads
+# each query chunk's qf and do once for both (6.45 against 6.51 ms forward+backward at T = 8K); fuse_dq, the linear
+# dqf in the softmax dq pass (while F fits one block); win_queries, rows of the query tiles in the softmax dk / dv
+# pass (at most the chunk). The state passes' knobs are linear_attn/chunk.py's TUNE.
 TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128,
         "fuse_dkv": True, "fuse_dq": True, "win_queries": 32}
 
@@ -299,19 +299,22 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
 @triton.jit
 def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, NC, NS, eps,
              H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-             C: tl.constexpr, RS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, DKF: tl.constexpr,
-             DV: tl.constexpr, ADD_DVW: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Linear part of dkf (DKF) and / or of dv (DV), per key chunk kc and batch x state head; with only one of them,
-    program_id(2) is a block of its columns (BF of F for dkf, BD of D for dv) and the other dim is covered whole.
-    The queries of chunks after kc + P see all of kc as older than their band: their share is the reverse state
-    stored at or after them (one per RS chunks: NS of them, the one for the queries from chunk RS * (js + 1) on,
-    js = (kc + P) // RS), and the query chunks between kc + P and that state are added explicitly, as are the
-    band's own older pairs, formed keys by queries, in one flat loop over (query chunk, query head of the group).
-    ADD_DVW: one state head per k/v head, so this pass adds the softmax part and stores the final dv."""
+             C: tl.constexpr, RS: tl.constexpr, R: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+             DKF: tl.constexpr, DV: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Linear part of dkf (DKF) and / or of dv (DV), per key chunk kc and batch x group of R state heads (that share a
+    k/v head); with only one of them, program_id(2) is a block of its columns (BF of F for dkf, BD of D for dv) and
+    the other dim is covered whole. The queries of chunks after kc + P see all of kc as older than their band: their
+    share is the reverse state stored at or after them (one per RS chunks: NS of them, the one for the queries from
+    chunk RS * (js + 1) on, js = (kc + P) // RS), and the query chunks between kc + P and that state are added
+    explicitly, as are the band's own older pairs, formed keys by queries, in one flat loop over (query chunk, query
+    head of the state head). With DV, R is every state head of a k/v head: the pass sums their share of dv, adds the
+    softmax pass's and stores dv (4.43 against 4.82 ms forward+backward at T = 8K with 8 KV heads and a state per
+    query head on the H100, where fp32 partials per state head were summed in PyTorch: 0.43 ms of reductions)."""
     kc, i_bh, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = i_bh // HK, i_bh % HK
+    NG: tl.constexpr = HK // R
+    b, hg = i_bh // NG, i_bh % NG
     G: tl.constexpr = H // HK
-    hv = hk // (HK // HKV)
+    hv = hg * R // (HK // HKV)
     c = tl.arange(0, C)
     f = tl.arange(0, BF)
     d = tl.arange(0, BD)
@@ -323,47 +326,51 @@ def _bwd_dkv(qf, kf, v, valid, do, den, delta, dvw, dkf, dv, dhs, dhz, T, W, P, 
     ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
     if DKF:
         vt = load(v, b, hv, tk, d, T, HKV, D)
-        acc_k = tl.zeros([C, BF], tl.float32)
     if DV:
-        kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
         acc_v = tl.zeros([C, BD], tl.float32)
     js = (kc + P) // RS
-    for j in range(0, (RS * (js + 1) - kc) * G):
-        qn = kc + j // G
-        h = hk * G + j % G
-        if (qn < NC) & (qn * C + C - 1 - kc * C >= W):  # some pairs are older than the window
-            tq = qn * C + c
-            older_t = tk[:, None] - tq[None, :] <= -W
-            qft = load(qf, b, h, tq, f, T, H, F)
-            dot_ = load(do, b, h, tq, d, T, H, D)
-            pr, mr = row_ptrs(den, b, h, tq, T, H)
-            dn = tl.load(pr, mask=mr, other=1.0)
-            rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
-            dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
-            if DKF:
-                dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
-                da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
-                da_t = tl.where(older_t, da_t, 0.0).to(qft.dtype)
-                acc_k = tl.dot(da_t, qft, acc=acc_k, input_precision=PREC)
-            if DV:
-                a_t = tl.where(older_t, tl.dot(kft, tl.trans(qft), input_precision=PREC), 0.0)
-                acc_v = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc_v, input_precision=PREC)
-    # dkf alone multiplies by dS^T: it loads the [D, F] view rather than transposing
-    ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, tl.minimum(js, NS - 1), NS, f, d, HK, F, D, DKF and not DV)
-    live = js < NS  # else no query reaches past what the loop covered: nothing to add
-    dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(qf.dtype.element_ty)
-    if DKF:
-        dz = tl.where(live, tl.load(pz, mask=mz, other=0.0), 0.0)
+    # the state heads of the group one after the other (unrolled): dv sums over them in one accumulator
+    for r in tl.static_range(R):
+        hk = hg * R + r
+        if DKF:
+            acc_k = tl.zeros([C, BF], tl.float32)
         if DV:
-            acc_k = tl.dot(vt, tl.trans(dS), acc=acc_k, input_precision=PREC) + dz[None, :]
-        else:
-            acc_k = tl.dot(vt, dS, acc=acc_k, input_precision=PREC) + dz[None, :]
-        store(dkf, tl.where(ok[:, None], acc_k, 0.0), b, hk, tk, f, T, HK, F)
+            kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
+        for j in range(0, (RS * (js + 1) - kc) * G):
+            qn = kc + j // G
+            h = hk * G + j % G
+            if (qn < NC) & (qn * C + C - 1 - kc * C >= W):  # some pairs are older than the window
+                tq = qn * C + c
+                older_t = tk[:, None] - tq[None, :] <= -W
+                qft = load(qf, b, h, tq, f, T, H, F)
+                dot_ = load(do, b, h, tq, d, T, H, D)
+                pr, mr = row_ptrs(den, b, h, tq, T, H)
+                dn = tl.load(pr, mask=mr, other=1.0)
+                rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
+                dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
+                if DKF:
+                    dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
+                    da_t = tl.dot(vt, tl.trans(dnum), input_precision=PREC) + dden[None, :]
+                    da_t = tl.where(older_t, da_t, 0.0).to(qft.dtype)
+                    acc_k = tl.dot(da_t, qft, acc=acc_k, input_precision=PREC)
+                if DV:
+                    a_t = tl.where(older_t, tl.dot(kft, tl.trans(qft), input_precision=PREC), 0.0)
+                    acc_v = tl.dot(a_t.to(dnum.dtype), dnum, acc=acc_v, input_precision=PREC)
+        # dkf alone multiplies by dS^T: it loads the [D, F] view rather than transposing
+        ps, ms, pz, mz = _state_ptrs(dhs, dhz, b, hk, tl.minimum(js, NS - 1), NS, f, d, HK, F, D, DKF and not DV)
+        live = js < NS  # else no query reaches past what the loop covered: nothing to add
+        dS = tl.where(live, tl.load(ps, mask=ms, other=0.0), 0.0).to(qf.dtype.element_ty)
+        if DKF:
+            dz = tl.where(live, tl.load(pz, mask=mz, other=0.0), 0.0)
+            if DV:
+                acc_k = tl.dot(vt, tl.trans(dS), acc=acc_k, input_precision=PREC) + dz[None, :]
+            else:
+                acc_k = tl.dot(vt, dS, acc=acc_k, input_precision=PREC) + dz[None, :]
+            store(dkf, tl.where(ok[:, None], acc_k, 0.0), b, hk, tk, f, T, HK, F)
+        if DV:
+            acc_v = tl.dot(kft, dS, acc=acc_v, input_precision=PREC)
     if DV:
-        acc_v = tl.dot(kft, dS, acc=acc_v, input_precision=PREC)
-        if ADD_DVW:
-            acc_v += load(dvw, b, hv, tk, d, T, HKV, D)
-        store(dv, acc_v, b, hk, tk, d, T, HK, D)
+        store(dv, acc_v + load(dvw, b, hv, tk, d, T, HKV, D), b, hg, tk, d, T, NG, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,21 +469,21 @@ class _WindowLinearAttn(torch.autograd.Function):
                 **_opts(c, bf_q, bd))
         need_d0 = has_s0 and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, None, None, c * rs, prec, need_d0, hs)
-        add_dvw = hk == hkv  # one state head per k/v head: it finishes dv; else fp32 partials summed below
-        dv_ = torch.empty_like(v) if add_dvw else torch.empty(b, t, hk, d, **f32)
+        # dv: each program of the dv pass sums the linear share of a k/v head's r state heads and adds the softmax
+        # share. With r > 1, dkf and dv run as two passes: the dv pass's loop over the state heads next to both
+        # accumulators spills (4.70 against 4.43 ms forward+backward at T = 8K, 8 KV heads, a state per query head)
+        r = hk // hkv
+        dv_ = torch.empty_like(v)
         dkf = torch.empty_like(kf)
         args = (qf, kf, v, vmask, do, den, delta, dvw, dkf, dv_, dhs, dhz, t, window, p, n, dhs.shape[2], DEN_EPS)
-        if TUNE["fuse_dkv"] and bf * bd <= 128 * 128:
-            _bwd_dkv[(n, b * hk, 1)](*args, BF=bf, BD=bd, DKF=True, DV=True, ADD_DVW=add_dvw, **lin,
-                                     **_opts(c, bf, bd))
+        if TUNE["fuse_dkv"] and r == 1 and bf * bd <= 128 * 128:
+            _bwd_dkv[(n, b * hk, 1)](*args, R=1, BF=bf, BD=bd, DKF=True, DV=True, **lin, **_opts(c, bf, bd))
         else:
             bd_v = fit(bd, bf, TUNE["bwd_block"])
             _bwd_dkv[(n, b * hk, triton.cdiv(f, bf_q))](
-                *args, BF=bf_q, BD=bd, DKF=True, DV=False, ADD_DVW=add_dvw, **lin, **_opts(c, bf_q, bd))
-            _bwd_dkv[(n, b * hk, triton.cdiv(d, bd_v))](
-                *args, BF=bf, BD=bd_v, DKF=False, DV=True, ADD_DVW=add_dvw, **lin, **_opts(c, bf, bd_v))
-        if not add_dvw:
-            dv_ = (dvw + dv_.view(b, t, hkv, hk // hkv, d).sum(3)).to(v.dtype)
+                *args, R=1, BF=bf_q, BD=bd, DKF=True, DV=False, **lin, **_opts(c, bf_q, bd))
+            _bwd_dkv[(n, b * hkv, triton.cdiv(d, bd_v))](
+                *args, R=r, BF=bf, BD=bd_v, DKF=False, DV=True, **lin, **_opts(c, bf, bd_v))
 
         ds0, dz0 = d0 if need_d0 else (None, None)
         if dst is not None or dzt is not None:

@@ -47,10 +47,11 @@ for _m in (chunk_utils, gla_k, la_k, swa_k, win_k, hmap_k):  # helpers first, He
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 C = 16  # chunk size
-# as on the GPU (64-token chunks, states 128 tokens apart, 32-row query tiles in the softmax dk / dv pass), a stored
+# as on the GPU (64-token chunks, states 128 tokens apart, 32-row query tiles in the softmax dk / dv passes), a stored
 # lolcats state every two chunks and query tiles of half a chunk
 win_k.TUNE["state_tokens"] = 2 * C
 win_k.TUNE["win_queries"] = C // 2
+swa_k.TUNE["dkv_queries"] = C // 2
 
 
 def rel(a, b):
@@ -97,7 +98,7 @@ def flat(o, st):
     return (o,) + (() if st is None else tuple(st) if isinstance(st, tuple) else (st,))
 
 
-_DEFAULTS = {m: dict(m.TUNE) for m in (gla_k, la_k, win_k)}
+_DEFAULTS = {m: dict(m.TUNE) for m in (gla_k, la_k, swa_k, win_k)}
 
 
 @pytest.fixture(autouse=True)
@@ -377,6 +378,21 @@ def test_swa(t, window, n_sinks, h, hkv, dtype):
     close("o", out[0], rout[0], TOL[dtype])
     for name, a, r in zip(("dq", "dk", "dv"), grads, rgrads):
         close(name, a, r, TOL[dtype])
+
+
+@pytest.mark.parametrize("queries", [C, C // 4])
+def test_swa_query_tiles(queries):
+    """The dk / dv pass walks the queries in tiles of any rows up to the chunk (half a chunk elsewhere here)."""
+    swa_k.TUNE["dkv_queries"] = queries
+    b, t, h, hkv, d, window = 2, 45, 4, 2, 16, 20
+    q, k, v = tensors(5, (b, t, h, d), (b, t, hkv, d), (b, t, hkv, d))
+    valid, scale = padding(b, t), d**-0.5
+    out, grads, rout, rgrads = run_both(
+        lambda q, k, v: (swa_k.chunk_swa(q, k, v, window, scale, valid, None, C),),
+        lambda q, k, v: (naive_swa(q, k, v, window, scale, 0, valid),), [q, k, v], torch.float32)
+    close("o", out[0], rout[0], 1e-5)
+    for name, a, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        close(name, a, r, 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
 from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, ptrs, row_ptrs, store
 
-TUNE = {"num_warps": None, "num_stages": None}
+# Knobs for tests and benchmarks: num_warps / num_stages of every pass (None: launch_opts' rule); dkv_queries, rows
+# of the query tiles in the dk / dv pass (at most the chunk), and dkv_warps, its warps. With 32 rows at 4 warps the
+# op takes 2.36 ms forward+backward at T = 8K on the H100, against 2.72 with whole 64-token chunks at 8 warps
+# (bench/results/kernels.md).
+TUNE = {"num_warps": None, "num_stages": None, "dkv_queries": 32, "dkv_warps": 4}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -148,27 +152,30 @@ def _bwd_dq(q, k, v, sk, sv, spos, sok, valid, o, do, lse, delta, dq, dsk, dsv, 
 @triton.jit
 def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
              H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-             BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+             BK: tl.constexpr, BD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr, CQ: tl.constexpr):
     """dk = ds^T q and dv = p^T do per key chunk, with scores formed keys by queries: Triton 3.4 to 3.7.0 miscompiles
-    a transposed tl.dot result on Hopper (fla issue 640), and this needs none."""
+    a transposed tl.dot result on Hopper (fla issue 640), and this needs none. The queries come in tiles of CQ <= C
+    rows."""
     kc, i_bh = tl.program_id(0), tl.program_id(1)
     bi, hv = i_bh // HKV, i_bh % HKV
     G: tl.constexpr = H // HKV
-    c = tl.arange(0, C)
+    c = tl.arange(0, CQ)
     x = tl.arange(0, BK)
     d = tl.arange(0, BD)
-    tk = kc * C + c
+    tk = kc * C + tl.arange(0, C)
     ok = keys_ok(valid, bi, tk, T, T, HAS_VALID)
     kt = load(k, bi, hv, tk, x, T, HKV, DK)
     vt = load(v, bi, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
-    # one flat loop over (query chunk, query head): nested loops carrying the accumulators spill registers
-    n_q = tl.minimum(kc + P, tl.cdiv(T, C) - 1) + 1 - kc
+    # one flat loop over (query tile, query head): nested loops carrying the accumulators spill registers. The
+    # tiles of CQ rows run from the chunk's first key to its last key's window (W - 1 queries on)
+    q0 = kc * C // CQ
+    n_q = tl.minimum((kc * C + C + W - 2) // CQ, tl.cdiv(T, CQ) - 1) + 1 - q0
     for it in range(0, n_q * G):
-        qn = kc + it // G
+        qn = q0 + it // G
         h = hv * G + it % G
-        tq = qn * C + c
+        tq = qn * CQ + c
         rel = tk[:, None] - tq[None, :]
         win = (rel <= 0) & (rel > -W) & ok[:, None]
         qt = load(q, bi, h, tq, x, T, H, DK)
@@ -240,8 +247,10 @@ class _SWA(torch.autograd.Function):
             HAS_SINKS=has_sinks, SINK_GRAD=sink_grad, **common, **launch_opts(TUNE, c * max(bk, bd)))
         dk_ = torch.empty_like(k)
         dv_ = torch.empty_like(v)
-        _bwd_dkv[(n, b * hkv)](q, k, v, vmask, do, lse, delta, dk_, dv_, t, window, p, scale, **common,
-                               **launch_opts(TUNE, c * max(bk, bd)))
+        opts = launch_opts(TUNE, c * max(bk, bd))
+        _bwd_dkv[(n, b * hkv)](q, k, v, vmask, do, lse, delta, dk_, dv_, t, window, p, scale,
+                               CQ=min(TUNE["dkv_queries"], c), **common,
+                               **{**opts, "num_warps": TUNE["num_warps"] or TUNE["dkv_warps"] or opts["num_warps"]})
         dsk_out = dsk.to(sink_k.dtype) if sink_grad else None
         dsv_out = dsv.to(sink_v.dtype) if sink_grad else None
         return dq, dk_, dv_, dsk_out, dsv_out, None, None, None, None, None, None

@@ -333,7 +333,7 @@ def main():
                                     ("chunk", 32), ("fuse_dkv", False), ("fuse_dq", False), ("win_queries", 64)]),
             "linear_attn": (la_k, [("chunk", 64), ("o_warps", 4), ("h_block", 128), ("h_stages", 2),
                                    ("states_fp32", True)]),
-            "gla": (gla_k, [("chunk", 128), ("chunk", 32), ("o_warps", 4), ("states_fp32", True)]),
+            "gla": (gla_k, [("chunk", 128), ("chunk", 32), ("o_warps", 4), ("states_fp32", True), ("bwd_block", 128)]),
         }
         for op, (mod, kn) in knobs.items():
             if op not in ops:

@@ -110,6 +110,16 @@ def _tune():
         m.TUNE.update(knobs)
 
 
+def test_row_dot():
+    """do . o for the normalized ops' backward: fp32 sums of 16-bit rows, any row count and width."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 37, 5, 24, generator=g).to(torch.bfloat16) for _ in range(2))
+    ref = (a.double() * b.double()).sum(-1)
+    out = chunk_utils.row_dot(a, b)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # window_linear_attn
 

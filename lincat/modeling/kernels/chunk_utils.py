@@ -70,3 +70,24 @@ def keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
     if HAS_VALID:
         ok = ok & (tl.load(valid + b * T + t, mask=ok, other=0) != 0)
     return ok
+
+
+@triton.jit
+def _row_dot(a, b, out, N, X: tl.constexpr, BX: tl.constexpr, BR: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    x = tl.arange(0, BX)
+    m = (r[:, None] < N) & (x[None, :] < X)
+    p = r[:, None].to(tl.int64) * X + x[None, :]
+    s = tl.load(a + p, mask=m, other=0.0).to(tl.float32) * tl.load(b + p, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + r, tl.sum(s, 1), mask=r < N)
+
+
+def row_dot(a, b):
+    """sum(a * b, -1) in fp32 for contiguous a and b of one shape. By hand because PyTorch forms this from fp32
+    copies of both (four passes over memory; in the Hedgehog op's backward, 1.6 of its 4.9 ms on the H100 at T = 8K),
+    and its bf16 reductions round the result to bf16."""
+    x = a.shape[-1]
+    n = a.numel() // x
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
+    _row_dot[(triton.cdiv(n, 64),)](a, b, out, n, X=x, BX=p2(x), BR=64, num_warps=4)
+    return out

@@ -31,11 +31,12 @@ from ..chunk_utils import check_size, dot_precision, keys_ok, load, p2, store
 from ..linear_attn.chunk import _state_ptrs, fit, h_cfg, o_opts, states_dtype
 
 # Knobs for tests and benchmarks, as linear_attn's TUNE: block, warps and stages of the state passes (h_*); value
-# block and warps of the chunk-parallel passes (o_*); bwd_block, their feature / value block in the backward;
-# states_fp32 keeps 16-bit inputs' chunk states in fp32; chunk, the chunk when the caller gives none (64: 1.3x faster
-# forward than 128 on the H100, and the in-chunk decay stays within the factored path's reach for gates down to
-# about -1 per token).
-TUNE = {"h_block": None, "h_warps": None, "h_stages": None, "o_bd": None, "o_warps": None, "bwd_block": None,
+# block and warps of the chunk-parallel passes (o_*); bwd_block, their feature / value block in the backward (64:
+# with 128 x 128 heads the dq and dk/dv passes spill 100 and 276 registers a thread on whole 128-wide blocks, and
+# the op takes 7.34 ms forward+backward at T = 8K on the H100 against 8.46); states_fp32 keeps 16-bit inputs' chunk
+# states in fp32; chunk, the chunk when the caller gives none (64: 1.3x faster forward than 128 on the H100, and the
+# in-chunk decay stays within the factored path's reach for gates down to about -1 per token).
+TUNE = {"h_block": None, "h_warps": None, "h_stages": None, "o_bd": None, "o_warps": None, "bwd_block": 64,
         "states_fp32": False, "chunk": 64}
 
 
@@ -404,7 +405,7 @@ class _GLA(torch.autograd.Function):
         common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
         dq = torch.empty_like(qf)
         qdq = torch.empty(b, t, h, f, **f32) if need_dg else dq
-        bf_q = fit(bf, bd, TUNE["bwd_block"])
+        bf_q = min(bf, fit(bf, bd, TUNE["bwd_block"]))
         _bwd_dq[(triton.cdiv(f, bf_q), nc, b * h)](
             qf, kf, v, g, vmask, do, hs, dq, qdq, t, nc, BF=bf_q, BD=bd, STORE_QDQ=need_dg, **common,
             **o_opts(c, bf_q, bd, TUNE))
@@ -415,7 +416,7 @@ class _GLA(torch.autograd.Function):
         args = (qf, kf, v, g, vmask, do, qdq, hs, dhs, dk, dv, dg if need_dg else dk, t, nc)
         _bwd_dkv[(triton.cdiv(f, bf_q), nc, b * hk)](
             *args, BF=bf_q, BD=bd, DO_DK=True, DO_DG=need_dg, **common, **o_opts(c, bf_q, bd, TUNE))
-        bd_v = fit(bd, bf, TUNE["bwd_block"])
+        bd_v = min(bd, fit(bd, bf, TUNE["bwd_block"]))
         _bwd_dkv[(triton.cdiv(d, bd_v), nc, b * hk)](
             *args, BF=bf, BD=bd_v, DO_DK=False, DO_DG=False, **common, **o_opts(c, bf, bd_v, TUNE))
         if shared_v:

@@ -22,7 +22,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
-from ..chunk_utils import check_size, dot_precision, keys_ok, load, p2, row_ptrs, store
+from ..chunk_utils import check_size, dot_precision, keys_ok, load, p2, row_dot, row_ptrs, store
 
 # Knobs for tests and benchmarks: block, warps and pipeline stages of the state passes (h_*); value block and warps
 # of the chunk-parallel passes (o_*); bwd_block, their feature / value block in the backward; states_fp32 stores
@@ -350,7 +350,7 @@ class _LinearAttn(torch.autograd.Function):
         f32 = dict(device=qf.device, dtype=torch.float32)
         do = torch.zeros_like(o) if do is None else do.contiguous()  # only the final state was used
         vmask = valid if valid is not None else qf
-        delta = (do.float() * o.float()).sum(-1)  # do . o, which dden needs in every pass below
+        delta = row_dot(do, o)  # do . o, which dden needs in every pass below
         need_d0 = has_s0 and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
         dhs, dhz, d0 = bwd_states(qf, do, den, delta, hk, dsT, dzT, c, prec, need_d0, hs)
 

@@ -73,6 +73,14 @@ def keys_ok(valid, b, t, lim, T, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
+def band_query_tiles(kc, T, W, C: tl.constexpr, CQ: tl.constexpr):
+    """The query tiles (CQ rows each) that see key chunk kc (C keys) through a W-token window: the first one and how
+    many, from the chunk's first key to its last key's window (W - 1 queries on), within T."""
+    q0 = kc * C // CQ
+    return q0, tl.minimum((kc * C + C + W - 2) // CQ, tl.cdiv(T, CQ) - 1) + 1 - q0
+
+
+@triton.jit
 def _row_dot(a, b, out, N, X: tl.constexpr, BX: tl.constexpr, BR: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     x = tl.arange(0, BX)

@@ -405,7 +405,7 @@ class _GLA(torch.autograd.Function):
         common = dict(H=h, HK=hk, HV=hv, F=f, D=d, C=c, HAS_VALID=valid is not None, PREC=prec, SAFE=_safe(v.dtype))
         dq = torch.empty_like(qf)
         qdq = torch.empty(b, t, h, f, **f32) if need_dg else dq
-        bf_q = min(bf, fit(bf, bd, TUNE["bwd_block"]))
+        bf_q = fit(bf, bd, TUNE["bwd_block"])
         _bwd_dq[(triton.cdiv(f, bf_q), nc, b * h)](
             qf, kf, v, g, vmask, do, hs, dq, qdq, t, nc, BF=bf_q, BD=bd, STORE_QDQ=need_dg, **common,
             **o_opts(c, bf_q, bd, TUNE))
@@ -416,7 +416,7 @@ class _GLA(torch.autograd.Function):
         args = (qf, kf, v, g, vmask, do, qdq, hs, dhs, dk, dv, dg if need_dg else dk, t, nc)
         _bwd_dkv[(triton.cdiv(f, bf_q), nc, b * hk)](
             *args, BF=bf_q, BD=bd, DO_DK=True, DO_DG=need_dg, **common, **o_opts(c, bf_q, bd, TUNE))
-        bd_v = min(bd, fit(bd, bf, TUNE["bwd_block"]))
+        bd_v = fit(bd, bf, TUNE["bwd_block"])
         _bwd_dkv[(triton.cdiv(d, bd_v), nc, b * hk)](
             *args, BF=bf, BD=bd_v, DO_DK=False, DO_DG=False, **common, **o_opts(c, bf, bd_v, TUNE))
         if shared_v:

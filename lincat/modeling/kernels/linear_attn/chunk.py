@@ -266,8 +266,11 @@ def o_opts(c: int, rows: int, cols: int, tune: dict = TUNE) -> dict:
 
 
 def fit(full: int, other: int, tune_val=None) -> int:
-    """A block of `full` columns next to a tile dim of `other`, so that the pair stays within 128 x 128."""
-    return tune_val or (full if full * other <= 128 * 128 else max(16, 128 * 128 // other))
+    """A block of `full` columns next to a tile dim of `other`, so that the pair stays within 128 x 128; a knob's
+    value (tune_val) instead, at most `full`."""
+    if tune_val:
+        return min(tune_val, full)
+    return full if full * other <= 128 * 128 else max(16, 128 * 128 // other)
 
 
 def states_dtype(v_dtype, tune: dict = TUNE):

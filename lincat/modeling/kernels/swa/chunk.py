@@ -15,7 +15,8 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
-from ..chunk_utils import check_size, dot_precision, keys_ok, launch_opts, load, p2, ptrs, row_ptrs, store
+from ..chunk_utils import (band_query_tiles, check_size, dot_precision, keys_ok, launch_opts, load, p2, ptrs,
+                           row_ptrs, store)
 
 # Knobs for tests and benchmarks: num_warps / num_stages of every pass (None: launch_opts' rule); dkv_queries, rows
 # of the query tiles in the dk / dv pass (at most the chunk), and dkv_warps, its warps. With 32 rows at 4 warps the
@@ -168,10 +169,8 @@ def _bwd_dkv(q, k, v, valid, do, lse, delta, dk, dv, T, W, P, scale,
     vt = load(v, bi, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
-    # one flat loop over (query tile, query head): nested loops carrying the accumulators spill registers. The
-    # tiles of CQ rows run from the chunk's first key to its last key's window (W - 1 queries on)
-    q0 = kc * C // CQ
-    n_q = tl.minimum((kc * C + C + W - 2) // CQ, tl.cdiv(T, CQ) - 1) + 1 - q0
+    # one flat loop over (query tile, query head): nested loops carrying the accumulators spill registers
+    q0, n_q = band_query_tiles(kc, T, W, C, CQ)
     for it in range(0, n_q * G):
         qn = q0 + it // G
         h = hv * G + it % G

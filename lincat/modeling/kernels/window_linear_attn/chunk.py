@@ -34,7 +34,7 @@ except ImportError:  # transformers' remote-code import check skips try blocks; 
     raise
 
 from ..utils import DEN_EPS, batch_to_varlen, varlen_to_batch, varlen_valid
-from ..chunk_utils import check_size, dot_precision, keys_ok, load, p2, row_ptrs, store
+from ..chunk_utils import band_query_tiles, check_size, dot_precision, keys_ok, load, p2, row_ptrs, store
 # the linear state's passes are the Hedgehog op's (the forward one with END = T - W)
 from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 
@@ -216,10 +216,8 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
     vt = load(v, b, hv, tk, d, T, HKV, D)
     dkt = tl.zeros([C, BK], tl.float32)
     dvt = tl.zeros([C, BD], tl.float32)
-    # one flat loop over (query tile, query head): nested loops carrying the accumulators spill registers. The
-    # tiles run from the chunk's first key to its last key's window (W - 1 queries on)
-    q0 = kc * C // CQ
-    n_q = tl.minimum((kc * C + C + W - 2) // CQ, tl.cdiv(T, CQ) - 1) + 1 - q0
+    # one flat loop over (query tile, query head): nested loops carrying the accumulators spill registers
+    q0, n_q = band_query_tiles(kc, T, W, C, CQ)
     for it in range(0, n_q * G):
         qn = q0 + it // G
         h = hv * G + it % G

@@ -330,10 +330,11 @@ def main():
         b = total // t
         knobs = {
             "window_linear_attn": (win_k, [("chunk", 128), ("fwd_bd", 64), ("num_warps", 8), ("state_tokens", 64),
-                                    ("chunk", 32), ("fuse_dkv", False), ("fuse_dq", False), ("win_queries", 64)]),
+                                    ("chunk", 32), ("fuse_dkv", False), ("fuse_dq", False), ("win_queries", 64),
+                                    ("fold_dq", True)]),
             "linear_attn": (la_k, [("chunk", 64), ("o_warps", 4), ("h_block", 128), ("h_stages", 2),
                                    ("states_fp32", True)]),
-            "gla": (gla_k, [("chunk", 128), ("chunk", 32), ("o_warps", 4), ("states_fp32", True), ("bwd_block", 128)]),
+            "gla": (gla_k, [("chunk", 128), ("chunk", 32), ("o_warps", 8), ("states_fp32", True), ("bwd_block", 128)]),
         }
         for op, (mod, kn) in knobs.items():
             if op not in ops:

@@ -6,13 +6,19 @@ it. This catches what the interpreter tests cannot: code that Triton's compiler 
 changes across a loop, for one) and kernels whose shared memory exceeds what an H100 block may use. The shapes are
 the GPU ones (head dims 64 and 128, 128 features, GQA, padding, initial and final states), in bf16 and fp32.
 
-    python tests/sm90_compile.py [bf16|fp32 ...]   # one line per kernel; tests/test_kernels_compile.py runs it
+    python tests/sm90_compile.py [bf16|fp32 ...] [--regs]   # one line per kernel; tests/test_kernels_compile.py runs it
+
+--regs adds each kernel's registers a thread and spilled bytes (ptxas -v); bench/regs.py reports them at the
+benchmark's shapes.
 
 Must run in its own process without TRITON_INTERPRET (the kernels read it when imported).
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -30,6 +36,7 @@ HEAD_DIMS = {torch.bfloat16: (128, 64), torch.float32: (128,)}
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KiB)
 COMPILED = []
 CASE = [""]
+USAGE = "--regs" in sys.argv  # also each kernel's registers and spills (ptxas -v): the compile test asks for them
 
 
 class _Sm90Driver:
@@ -48,13 +55,34 @@ class _Sm90Driver:
         return torch.device("cpu")
 
 
+def ptxas_usage(ptx: str) -> tuple:
+    """(registers a thread, bytes of spill stores) of one kernel's PTX, from `ptxas -v` for sm_90a with the ptxas
+    Triton itself uses. Without a GPU, Triton never loads the kernel, so its n_regs / n_spills stay unset; with the
+    device's Triton (3.6) these match what the H100 reports."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+        fh.write(ptx)
+    try:
+        r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", fh.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+    finally:
+        os.unlink(fh.name)
+    regs = re.search(r"Used (\d+) registers", r.stdout + r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stdout + r.stderr)
+    if regs is None or spill is None:
+        raise RuntimeError(f"ptxas -v gave no register count: {(r.stdout + r.stderr)[-500:]}")
+    return int(regs.group(1)), int(spill.group(1))
+
+
 def _compile_only(self, key, signature, device, constexprs, options, attrs, warmup):
     """Replaces JITFunction._do_compile: compile, record, and return None so that run() launches nothing."""
     _, _, target, _, _ = self.device_caches[device]
     t0 = time.time()
     kernel = self.compile(self.ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
+    usage = ptxas_usage(kernel.asm["ptx"]) if USAGE else None
     COMPILED.append((f"{self.fn.__module__.split('.')[-2]}.{self.fn.__name__} ({CASE[0]})", options.num_warps,
-                     kernel.metadata.shared, time.time() - t0))
+                     kernel.metadata.shared, time.time() - t0, usage))
     return None
 
 
@@ -82,6 +110,11 @@ def chunk_ops(dtype):
         o, st = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5,
                                                valid, s0, True)
         (o.float().sum() + st[0].sum()).backward()
+        if d == 128:  # the dq pass with the linear part's dA folded in (a knob, off by default)
+            win_k.TUNE["fold_dq"] = True
+            o, _ = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5)
+            o.float().sum().backward()
+            win_k.TUNE["fold_dq"] = False
         # Hedgehog's map: one weight head per x head, 2 per x head (keys, GQA), and 256 features (feature_dim 128)
         for xh, fh in ((q, f // 2), (k, f // 2), (k, f)):
             fused_hedgehog_map(xh, leaf(h, d, fh, dt=torch.float32)).float().sum().backward()
@@ -139,19 +172,20 @@ def decode_steps(dtype):
 def main():
     driver.set_active(_Sm90Driver())
     JITFunction._do_compile = _compile_only
-    for name in sys.argv[1:] or list(DTYPES):
+    for name in [a for a in sys.argv[1:] if not a.startswith("--")] or list(DTYPES):
         dtype = DTYPES[name]
         chunk_ops(dtype)
         decode_steps(dtype)
     worst = max(COMPILED, key=lambda r: r[2])
-    for name, warps, shared, sec in COMPILED:
-        print(f"{name:52s} warps {warps:2d}  shared {shared:7d} B  {sec:5.1f} s")
+    for name, warps, shared, sec, usage in COMPILED:
+        regs = f"  registers {usage[0]:3d}  spilled {usage[1]:4d} B" if usage else ""
+        print(f"{name:52s} warps {warps:2d}  shared {shared:7d} B{regs}  {sec:5.1f} s")
     print(f"{len(COMPILED)} kernels compiled for sm_90; most shared memory: {worst[0]} {worst[2]} B "
           f"(limit {SMEM_LIMIT})")
     over = [r for r in COMPILED if r[2] > SMEM_LIMIT]
     if over:
         raise SystemExit(f"{len(over)} kernels need more shared memory than an H100 block has: "
-                         + ", ".join(f"{n} ({s} B)" for n, _, s, _ in over))
+                         + ", ".join(f"{n} ({s} B)" for n, _, s, _, _ in over))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.
 
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {name: subprocess.Popen([sys.executable, SCRIPT, name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=env) for name in ("bf16", "fp32")}
+    # the bf16 run also reports registers and spills (ptxas -v), as bench/regs.py does at the benchmark's shapes
+    procs = {name: subprocess.Popen([sys.executable, SCRIPT, name] + (["--regs"] if name == "bf16" else []),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for name in ("bf16", "fp32")}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=1200)
         assert proc.returncode == 0, f"{name}: sm_90 compile failed:\n{out[-4000:]}"
@@ -33,3 +35,7 @@ def test_every_kernel_compiles_for_sm90():
         for kernel in ("linear_attn._fwd_h", "linear_attn._bwd_h", "window_linear_attn._fwd", "gla._bwd_dkv",
                        "swa._bwd_dkv", "window_linear_attn._lolcats_step", "gla._liger_step"):
             assert kernel in out, f"{name}: {kernel} was not compiled"
+        if name == "bf16":
+            lines = [line for line in out.splitlines() if " warps " in line]
+            regs = [int(line.split("registers")[1].split()[0]) for line in lines if "registers" in line]
+            assert len(regs) == len(lines) and all(16 <= r <= 255 for r in regs), out[-2000:]

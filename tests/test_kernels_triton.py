@@ -160,6 +160,14 @@ def test_window_linear_attn(t, window, h, hkv, hk, dtype):
         close("dgamma", grads[5], rgrads[5], tol)
 
 
+@pytest.mark.parametrize("t, window", [(37, 8), (21, 1), (45, 20), (45, 16)])
+def test_window_linear_attn_fold_dq(t, window):
+    """TUNE["fold_dq"]: the softmax dq pass hands its do v^T - do.o on the band's first key chunk to the linear dqf
+    (which otherwise forms it again); same results with windows shorter than, as long as and longer than a chunk."""
+    win_k.TUNE["fold_dq"] = True
+    test_window_linear_attn(t, window, 2, 1, 2, torch.float32)
+
+
 @pytest.mark.parametrize("tokens, fuse_dkv, fuse_dq, win_queries", [
     (16, True, True, 8), (64, True, True, 8), (64, False, False, 16), (64, True, False, 4)])
 def test_window_linear_attn_state_spacing(tokens, fuse_dkv, fuse_dq, win_queries):

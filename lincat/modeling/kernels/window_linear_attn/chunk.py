@@ -47,9 +47,12 @@ from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 # linear part's dkf and dv in one pass (while F x D <= 128 x 128 and each k/v head has one state head), which reads
 # each query chunk's qf and do once for both (6.45 against 6.51 ms forward+backward at T = 8K); fuse_dq, the linear
 # dqf in the softmax dq pass (while F fits one block); win_queries, rows of the query tiles in the softmax dk / dv
-# pass (at most the chunk). The state passes' knobs are linear_attn/chunk.py's TUNE.
+# pass (at most the chunk); fold_dq, with fuse_dq, the linear dqf takes dA = do v^T - do.o on the band's first key
+# chunk from the softmax part instead of forming it again (one product and one v tile fewer a program, for a 16-bit
+# [C, C] tile live through the band: 44 spilled bytes against 16 at T = 8K, bench/regs.py; not yet timed on the
+# H100, so off). The state passes' knobs are linear_attn/chunk.py's TUNE.
 TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128,
-        "fuse_dkv": True, "fuse_dq": True, "win_queries": 32}
+        "fuse_dkv": True, "fuse_dq": True, "win_queries": 32, "fold_dq": False}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
 def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, hs, hz, T, W, P, NS,
                 scale, eps, H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr,
                 D: tl.constexpr, C: tl.constexpr, RS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
-                BD: tl.constexpr, LIN: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+                BD: tl.constexpr, LIN: tl.constexpr, FOLD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Softmax part of dq, per (query chunk, batch x query head); also stores delta = do . o, r = sum_j e_ij dA_ij
     (dgamma) and dm. LIN: then the linear part's dqf as _bwd_dq forms it (all of F in one block), from the do tile
     already loaded (4.92 against 5.07 ms forward+backward at T = 8K on the H100, bench/results/kernels.md)."""
@@ -174,11 +177,17 @@ def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta,
     qt = load(q, b, h, tq, x, T, H, DK)
     dqa = tl.zeros([C, BK], tl.float32)
     r = tl.zeros([C], tl.float32)
-    for p in range(tl.maximum(n - P, 0), n + 1):
+    p0 = tl.maximum(n - P, 0)
+    da0 = tl.zeros([C, C], dnum.dtype)
+    for p in range(p0, n + 1):
         s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
         e = tl.exp(s - m[:, None])
         vt = load(v, b, hv, tk, d, T, HKV, D)
-        ed = e * (tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None])
+        da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None]
+        if FOLD:
+            if p == p0:  # the linear part's dA on the band's first chunk is this same do v^T - do.o, kept for it
+                da0 = da.to(dnum.dtype)
+        ed = e * da
         r += tl.sum(ed, 1)
         dqa = tl.dot(ed.to(kt.dtype), kt, acc=dqa, input_precision=PREC)
     gm = tl.load(gamma + h)
@@ -192,7 +201,7 @@ def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta,
     if LIN:
         f = tl.arange(0, BF)
         dqt = _older_dq(v, kf, valid, dnum, -dl * rden, hs, hz, b, h // (H // HK), hv, n, tq, c, f, d, T, W, P, NS,
-                        HKV, HK, F, D, C, RS, HAS_VALID, PREC)
+                        da0, HKV, HK, F, D, C, RS, FOLD, HAS_VALID, PREC)
         store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
@@ -246,22 +255,31 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
 
 
 @triton.jit
-def _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, HKV: tl.constexpr,
+def _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, da0, HKV: tl.constexpr,
               HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr, C: tl.constexpr, RS: tl.constexpr,
-              HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+              FOLD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Query chunk n's linear dqf (columns f): dnum h^T + dden z with the forward's stored state (one per RS chunks)
-    at or before the band, plus the older pairs after it."""
+    at or before the band, plus the older pairs after it. FOLD: da0 is dA (16-bit) on the band's first key chunk,
+    from the softmax dq pass, which already formed do v^T there (one product and one v tile fewer)."""
     js = tl.maximum(n - P, 0) // RS
+    p0 = tl.where(FOLD, tl.maximum(n - P, 0), -1)
     ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, js, NS, f, d, HK, F, D, True)
     ST = tl.load(ps, mask=ms, other=0.0).to(dnum.dtype)
     z = tl.load(pz, mask=mz, other=0.0)
     dqt = tl.dot(dnum, ST, input_precision=PREC) + dden[:, None] * z[None, :]
     for p in range(js * RS, n + 1):
-        if n * C + C - 1 - p * C >= W:
+        if n * C + C - 1 - p * C >= W:  # some pairs of this key chunk are older than the window
             tk = p * C + c
             ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
-            vt = load(v, b, hv, tk, d, T, HKV, D)
-            da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
+            if FOLD:  # the default path below stays as it was, with no branch
+                if p == p0:
+                    da = da0
+                else:
+                    vt = load(v, b, hv, tk, d, T, HKV, D)
+                    da = (tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]).to(dnum.dtype)
+            else:
+                vt = load(v, b, hv, tk, d, T, HKV, D)
+                da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
             da = tl.where(tk[None, :] - tq[:, None] <= -W, da, 0.0)
             kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
             dqt = tl.dot(da.to(kft.dtype), kft, acc=dqt, input_precision=PREC)
@@ -289,8 +307,8 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
     rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
     dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
     dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
-    dqt = _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, HKV, HK, F, D, C, RS,
-                    HAS_VALID, PREC)
+    dqt = _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS,
+                    tl.zeros([C, C], dnum.dtype), HKV, HK, F, D, C, RS, False, HAS_VALID, PREC)
     store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
@@ -452,7 +470,8 @@ class _WindowLinearAttn(torch.autograd.Function):
         bf_q = fit(bf, bd, TUNE["bwd_block"])
         fuse_dq = TUNE["fuse_dq"] and bf_q >= f
         _bwd_win_dq[(n, b * h)](q, k, v, kf, gamma, vmask, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, hs, hz, t,
-                                window, p, hs.shape[2], scale, DEN_EPS, HK=hk, F=f, RS=rs, BF=bf_q, LIN=fuse_dq, **win,
+                                window, p, hs.shape[2], scale, DEN_EPS, HK=hk, F=f, RS=rs, BF=bf_q, LIN=fuse_dq,
+                                FOLD=fuse_dq and TUNE["fold_dq"], **win,
                                 **_opts(c, max(bk, bf_q), bd))
         dk_ = torch.empty_like(k)
         dvw = torch.empty(b, t, hkv, d, **f32)

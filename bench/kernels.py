@@ -331,7 +331,7 @@ def main():
         knobs = {
             "window_linear_attn": (win_k, [("chunk", 128), ("fwd_bd", 64), ("num_warps", 8), ("state_tokens", 64),
                                     ("chunk", 32), ("fuse_dkv", False), ("fuse_dq", False), ("win_queries", 64),
-                                    ("fold_dq", True)]),
+                                    ("merge_band", False)]),
             "linear_attn": (la_k, [("chunk", 64), ("o_warps", 4), ("h_block", 128), ("h_stages", 2),
                                    ("states_fp32", True)]),
             "gla": (gla_k, [("chunk", 128), ("chunk", 32), ("o_warps", 8), ("states_fp32", True), ("bwd_block", 128)]),

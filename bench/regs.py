@@ -7,7 +7,7 @@ This screens a change, or a knob, for that before spending device time on it (th
 at once, from the registers, shared memory and warps):
 
     python bench/regs.py                                    # every op at Hkv = 32
-    python bench/regs.py --ops window_linear_attn --hkv 8 --set window_linear_attn.fold_dq=True
+    python bench/regs.py --ops window_linear_attn --hkv 8 --set window_linear_attn.merge_band=False
 
 The counts come from ptxas -v on the PTX that this machine's Triton generates (tests/sm90_compile.py's driver, which
 compiles each launch and runs nothing). Other Triton versions generate other code: for the device's counts, use its

@@ -110,11 +110,11 @@ def chunk_ops(dtype):
         o, st = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5,
                                                valid, s0, True)
         (o.float().sum() + st[0].sum()).backward()
-        if d == 128:  # the dq pass with the linear part's dA folded in (a knob, off by default)
-            win_k.TUNE["fold_dq"] = True
+        if d == 128:  # the forward whose band's older pairs take their own product (fp16 inputs run it)
+            win_k.TUNE["merge_band"] = False
             o, _ = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5)
             o.float().sum().backward()
-            win_k.TUNE["fold_dq"] = False
+            win_k.TUNE["merge_band"] = True
         # Hedgehog's map: one weight head per x head, 2 per x head (keys, GQA), and 256 features (feature_dim 128)
         for xh, fh in ((q, f // 2), (k, f // 2), (k, f)):
             fused_hedgehog_map(xh, leaf(h, d, fh, dt=torch.float32)).float().sum().backward()

@@ -161,10 +161,11 @@ def test_window_linear_attn(t, window, h, hkv, hk, dtype):
 
 
 @pytest.mark.parametrize("t, window", [(37, 8), (21, 1), (45, 20), (45, 16)])
-def test_window_linear_attn_fold_dq(t, window):
-    """TUNE["fold_dq"]: the softmax dq pass hands its do v^T - do.o on the band's first key chunk to the linear dqf
-    (which otherwise forms it again); same results with windows shorter than, as long as and longer than a chunk."""
-    win_k.TUNE["fold_dq"] = True
+def test_window_linear_attn_merge_band_off(t, window):
+    """TUNE["merge_band"] off (as fp16 inputs run it): the forward walks the band from its first key chunk and gives
+    that chunk's older pairs their own product; same results with windows shorter than, as long as and longer than a
+    chunk. The fp32 cases of test_window_linear_attn run it on."""
+    win_k.TUNE["merge_band"] = False
     test_window_linear_attn(t, window, 2, 1, 2, torch.float32)
 
 

@@ -47,12 +47,12 @@ from ..linear_attn.chunk import _state_ptrs, bwd_states, fit, fwd_states, o_opts
 # linear part's dkf and dv in one pass (while F x D <= 128 x 128 and each k/v head has one state head), which reads
 # each query chunk's qf and do once for both (6.45 against 6.51 ms forward+backward at T = 8K); fuse_dq, the linear
 # dqf in the softmax dq pass (while F fits one block); win_queries, rows of the query tiles in the softmax dk / dv
-# pass (at most the chunk); fold_dq, with fuse_dq, the linear dqf takes dA = do v^T - do.o on the band's first key
-# chunk from the softmax part instead of forming it again (one product and one v tile fewer a program, for a 16-bit
-# [C, C] tile live through the band: 44 spilled bytes against 16 at T = 8K, bench/regs.py; not yet timed on the
-# H100, so off). The state passes' knobs are linear_attn/chunk.py's TUNE.
+# pass (at most the chunk); merge_band, the forward's band from its last key chunk to its first, whose older pairs
+# then share one product with v with its window pairs (1.156 against 1.177 ms forward at T = 8K, 1.030 against 1.067
+# with 8 KV heads, on the H100; bf16 and fp32 inputs only: in fp16, gamma e falls below fp16's normal range for small
+# gamma and the softmax terms lose precision). The state passes' knobs are linear_attn/chunk.py's TUNE.
 TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "state_tokens": 128,
-        "fuse_dkv": True, "fuse_dq": True, "win_queries": 32, "fold_dq": False}
+        "fuse_dkv": True, "fuse_dq": True, "win_queries": 32, "merge_band": True}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -85,11 +85,38 @@ def _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C: tl.constexpr,
 
 
 @triton.jit
+def _running_max(s, p, m, idx, C: tl.constexpr, DESCENDING: tl.constexpr):
+    """Key chunk p's scores s into the running max m (and its key, idx): the new max and key, exp(s - max) and the
+    factor that rescales the terms so far. On a tie the earlier key wins, whichever way the band is walked."""
+    mt = tl.max(s, 1)
+    if DESCENDING:
+        idx = tl.where(mt >= m, tl.argmax(s, 1).to(tl.int32) + p * C, idx)
+    else:
+        idx = tl.where(mt > m, tl.argmax(s, 1).to(tl.int32) + p * C, idx)
+    mn = tl.maximum(m, mt)
+    return mn, idx, tl.exp(s - mn[:, None]), tl.exp(m - mn)
+
+
+@triton.jit
+def _window_terms(qt, k, v, valid, b, hv, tq, p, T, W, scale, x, c, d, m, idx, acc, dw, C: tl.constexpr,
+                  HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, DESCENDING: tl.constexpr,
+                  HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Key chunk p's window terms into the running max, the accumulator and their sum of exponentials."""
+    s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
+    m, idx, e, alpha = _running_max(s, p, m, idx, C, DESCENDING)
+    vt = load(v, b, hv, tk, d, T, HKV, D)
+    acc = tl.dot(e.to(vt.dtype), vt, acc=acc * alpha[:, None], input_precision=PREC)
+    return m, idx, acc, dw * alpha + tl.sum(e, 1)
+
+
+@triton.jit
 def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, scale, eps,
          H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
          C: tl.constexpr, RS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-         HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, batch x query head, value block). The NS stored states are one per RS chunks."""
+         MERGE: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, batch x query head, value block). The NS stored states are one per RS chunks.
+    MERGE: the band runs from its last key chunk to its first, so that the max is final at the first one, whose older
+    pairs then join its window pairs in one product with v (one product and one v tile fewer a program)."""
     n, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
     hk = h // (H // HK)
@@ -100,6 +127,7 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
     x = tl.arange(0, BK)
     gm = tl.load(gamma + h)
     tq = n * C + c
+    p0 = tl.maximum(n - P, 0)
     # softmax terms first, with their running max; one accumulator serves both kinds of term, so the linear
     # terms join it only once the window max is final
     qt = load(q, b, h, tq, x, T, H, DK)
@@ -107,28 +135,40 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
     idx = tl.full([C], -1, tl.int32)
     acc = tl.zeros([C, BD], tl.float32)
     dw = tl.zeros([C], tl.float32)
-    for p in range(tl.maximum(n - P, 0), n + 1):
-        s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
-        mt = tl.max(s, 1)
-        idx = tl.where(mt > m, tl.argmax(s, 1).to(tl.int32) + p * C, idx)
-        mn = tl.maximum(m, mt)
-        e = tl.exp(s - mn[:, None])
-        alpha = tl.exp(m - mn)
-        vt = load(v, b, hv, tk, d, T, HKV, D)
-        acc = tl.dot(e.to(vt.dtype), vt, acc=acc * alpha[:, None], input_precision=PREC)
+    if MERGE:
+        for i in range(0, n - p0):
+            m, idx, acc, dw = _window_terms(qt, k, v, valid, b, hv, tq, n - i, T, W, scale, x, c, d, m, idx, acc, dw,
+                                            C, HKV, DK, D, True, HAS_VALID, PREC)
+        # the band's first chunk: the max is final here, so its older pairs (none when n < P, unless the window
+        # reaches past a chunk boundary) share the window pairs' product with v
+        qft = load(qf, b, h, tq, f, T, H, F)
+        s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p0, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
+        m, idx, e, alpha = _running_max(s, p0, m, idx, C, True)
         dw = dw * alpha + tl.sum(e, 1)
-        m = mn
+        ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
+        a = tl.dot(qft, tl.trans(load(kf, b, hk, tk, f, T, HK, F)), input_precision=PREC)
+        a = tl.where((tk[None, :] - tq[:, None] <= -W) & ok[None, :], a, 0.0)
+        vt = load(v, b, hv, tk, d, T, HKV, D)
+        acc = tl.dot((gm * e + a).to(vt.dtype), vt, acc=acc * (gm * alpha)[:, None], input_precision=PREC)
+        dl = gm * dw + tl.sum(a, 1)
+    else:
+        for p in range(p0, n + 1):
+            m, idx, acc, dw = _window_terms(qt, k, v, valid, b, hv, tq, p, T, W, scale, x, c, d, m, idx, acc, dw,
+                                            C, HKV, DK, D, False, HAS_VALID, PREC)
+        qft = load(qf, b, h, tq, f, T, H, F)
+        acc = acc * gm
+        dl = gm * dw
     # the last stored linear state at or before the band: every key before the band is older than the window for
     # every query here, so the keys between that state and the band join as older pairs
-    qft = load(qf, b, h, tq, f, T, H, F)
-    js = tl.maximum(n - P, 0) // RS
+    js = p0 // RS
     ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, js, NS, f, d, HK, F, D)
     S = tl.load(ps, mask=ms, other=0.0).to(qft.dtype)
     z = tl.load(pz, mask=mz, other=0.0)
-    acc = tl.dot(qft, S, acc=acc * gm, input_precision=PREC)
-    dl = gm * dw + tl.sum(qft.to(tl.float32) * z[None, :], 1)
+    acc = tl.dot(qft, S, acc=acc, input_precision=PREC)
+    dl += tl.sum(qft.to(tl.float32) * z[None, :], 1)
     for p in range(js * RS, n + 1):
-        if n * C + C - 1 - p * C >= W:  # some pairs of this key chunk are older than the window
+        # some pairs of this key chunk are older than the window (with MERGE, the band's first chunk's are in)
+        if (n * C + C - 1 - p * C >= W) and ((not MERGE) or (p != p0)):
             tk = p * C + c
             ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
             kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
@@ -156,7 +196,7 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
 def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, hs, hz, T, W, P, NS,
                 scale, eps, H: tl.constexpr, HKV: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, F: tl.constexpr,
                 D: tl.constexpr, C: tl.constexpr, RS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
-                BD: tl.constexpr, LIN: tl.constexpr, FOLD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+                BD: tl.constexpr, LIN: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Softmax part of dq, per (query chunk, batch x query head); also stores delta = do . o, r = sum_j e_ij dA_ij
     (dgamma) and dm. LIN: then the linear part's dqf as _bwd_dq forms it (all of F in one block), from the do tile
     already loaded (4.92 against 5.07 ms forward+backward at T = 8K on the H100, bench/results/kernels.md)."""
@@ -177,17 +217,11 @@ def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta,
     qt = load(q, b, h, tq, x, T, H, DK)
     dqa = tl.zeros([C, BK], tl.float32)
     r = tl.zeros([C], tl.float32)
-    p0 = tl.maximum(n - P, 0)
-    da0 = tl.zeros([C, C], dnum.dtype)
-    for p in range(p0, n + 1):
+    for p in range(tl.maximum(n - P, 0), n + 1):
         s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
         e = tl.exp(s - m[:, None])
         vt = load(v, b, hv, tk, d, T, HKV, D)
-        da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None]
-        if FOLD:
-            if p == p0:  # the linear part's dA on the band's first chunk is this same do v^T - do.o, kept for it
-                da0 = da.to(dnum.dtype)
-        ed = e * da
+        ed = e * (tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None])
         r += tl.sum(ed, 1)
         dqa = tl.dot(ed.to(kt.dtype), kt, acc=dqa, input_precision=PREC)
     gm = tl.load(gamma + h)
@@ -201,7 +235,7 @@ def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta,
     if LIN:
         f = tl.arange(0, BF)
         dqt = _older_dq(v, kf, valid, dnum, -dl * rden, hs, hz, b, h // (H // HK), hv, n, tq, c, f, d, T, W, P, NS,
-                        da0, HKV, HK, F, D, C, RS, FOLD, HAS_VALID, PREC)
+                        HKV, HK, F, D, C, RS, HAS_VALID, PREC)
         store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
@@ -255,14 +289,12 @@ def _bwd_win_dkv(q, k, v, gamma, valid, do, den, mx, amax, delta, dmx, dk, dvw, 
 
 
 @triton.jit
-def _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, da0, HKV: tl.constexpr,
+def _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, HKV: tl.constexpr,
               HK: tl.constexpr, F: tl.constexpr, D: tl.constexpr, C: tl.constexpr, RS: tl.constexpr,
-              FOLD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+              HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Query chunk n's linear dqf (columns f): dnum h^T + dden z with the forward's stored state (one per RS chunks)
-    at or before the band, plus the older pairs after it. FOLD: da0 is dA (16-bit) on the band's first key chunk,
-    from the softmax dq pass, which already formed do v^T there (one product and one v tile fewer)."""
+    at or before the band, plus the older pairs after it."""
     js = tl.maximum(n - P, 0) // RS
-    p0 = tl.where(FOLD, tl.maximum(n - P, 0), -1)
     ps, ms, pz, mz = _state_ptrs(hs, hz, b, hk, js, NS, f, d, HK, F, D, True)
     ST = tl.load(ps, mask=ms, other=0.0).to(dnum.dtype)
     z = tl.load(pz, mask=mz, other=0.0)
@@ -271,15 +303,8 @@ def _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W,
         if n * C + C - 1 - p * C >= W:  # some pairs of this key chunk are older than the window
             tk = p * C + c
             ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
-            if FOLD:  # the default path below stays as it was, with no branch
-                if p == p0:
-                    da = da0
-                else:
-                    vt = load(v, b, hv, tk, d, T, HKV, D)
-                    da = (tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]).to(dnum.dtype)
-            else:
-                vt = load(v, b, hv, tk, d, T, HKV, D)
-                da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
+            vt = load(v, b, hv, tk, d, T, HKV, D)
+            da = tl.dot(dnum, tl.trans(vt), input_precision=PREC) + dden[:, None]
             da = tl.where(tk[None, :] - tq[:, None] <= -W, da, 0.0)
             kft = tl.where(ok[:, None], load(kf, b, hk, tk, f, T, HK, F), 0.0)
             dqt = tl.dot(da.to(kft.dtype), kft, acc=dqt, input_precision=PREC)
@@ -307,8 +332,8 @@ def _bwd_dq(v, kf, valid, do, den, delta, dqf, hs, hz, T, W, P, NS, eps,
     rden = tl.where(dn >= eps, 1.0 / tl.maximum(dn, eps), 0.0)
     dden = -tl.load(row_ptrs(delta, b, h, tq, T, H)[0], mask=mr, other=0.0) * rden
     dnum = (dot_.to(tl.float32) * rden[:, None]).to(dot_.dtype)
-    dqt = _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS,
-                    tl.zeros([C, C], dnum.dtype), HKV, HK, F, D, C, RS, False, HAS_VALID, PREC)
+    dqt = _older_dq(v, kf, valid, dnum, dden, hs, hz, b, hk, hv, n, tq, c, f, d, T, W, P, NS, HKV, HK, F, D, C, RS,
+                    HAS_VALID, PREC)
     store(dqf, dqt, b, h, tq, f, T, H, F)
 
 
@@ -437,7 +462,8 @@ class _WindowLinearAttn(torch.autograd.Function):
         _fwd[(nc, b * h, triton.cdiv(d, bd))](
             q, k, v, qf, kf, gamma, vmask, o, den, mx, amax, hs, hz, t, window, p, hs.shape[2], scale, DEN_EPS,
             H=h, HKV=hkv, HK=hk, DK=dk, F=f, D=d, C=c, RS=rs, BK=bk, BF=bf, BD=bd,
-            HAS_VALID=valid is not None, PREC=prec, **_opts(c, max(bk, bf), bd))
+            MERGE=TUNE["merge_band"] and v.dtype != torch.float16, HAS_VALID=valid is not None, PREC=prec,
+            **_opts(c, max(bk, bf), bd))
         ctx.save_for_backward(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz)
         ctx.cfg = (window, scale, c, p, rs, s0 is not None, None if s0 is None else s0.dtype)
         ctx.set_materialize_grads(False)
@@ -470,8 +496,7 @@ class _WindowLinearAttn(torch.autograd.Function):
         bf_q = fit(bf, bd, TUNE["bwd_block"])
         fuse_dq = TUNE["fuse_dq"] and bf_q >= f
         _bwd_win_dq[(n, b * h)](q, k, v, kf, gamma, vmask, o, do, den, mx, amax, dq, dqf, delta, rsum, dmx, hs, hz, t,
-                                window, p, hs.shape[2], scale, DEN_EPS, HK=hk, F=f, RS=rs, BF=bf_q, LIN=fuse_dq,
-                                FOLD=fuse_dq and TUNE["fold_dq"], **win,
+                                window, p, hs.shape[2], scale, DEN_EPS, HK=hk, F=f, RS=rs, BF=bf_q, LIN=fuse_dq, **win,
                                 **_opts(c, max(bk, bf_q), bd))
         dk_ = torch.empty_like(k)
         dvw = torch.empty(b, t, hkv, d, **f32)

@@ -111,10 +111,10 @@ def chunk_ops(dtype):
                                                valid, s0, True)
         (o.float().sum() + st[0].sum()).backward()
         if d == 128:  # the forward whose band's older pairs take their own product (fp16 inputs run it)
-            win_k.TUNE["merge_band"] = False
+            merge, win_k.TUNE["merge_band"] = win_k.TUNE["merge_band"], False
             o, _ = win_k.chunk_window_linear_attn(q, k, v, qf, kf, torch.rand(h).requires_grad_(), 64, d ** -0.5)
             o.float().sum().backward()
-            win_k.TUNE["merge_band"] = True
+            win_k.TUNE["merge_band"] = merge
         # Hedgehog's map: one weight head per x head, 2 per x head (keys, GQA), and 256 features (feature_dim 128)
         for xh, fh in ((q, f // 2), (k, f // 2), (k, f)):
             fused_hedgehog_map(xh, leaf(h, d, fh, dt=torch.float32)).float().sum().backward()

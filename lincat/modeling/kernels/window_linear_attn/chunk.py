@@ -71,13 +71,13 @@ TUNE = {"fwd_bd": None, "bwd_block": None, "num_warps": None, "chunk": 64, "stat
 def _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C: tl.constexpr, HKV: tl.constexpr,
                  DK: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Scaled scores [queries, keys] of the query chunk at rows tq against key chunk p, -inf outside the window;
-    with the key tile and the key rows."""
+    with the key tile, the key rows and which of them are real keys (not past T, not padding)."""
     tk = p * C + c
     ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
     rel = tk[None, :] - tq[:, None]
     kt = load(k, b, hv, tk, x, T, HKV, DK)
     s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * scale
-    return tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf")), kt, tk
+    return tl.where((rel <= 0) & (rel > -W) & ok[None, :], s, float("-inf")), kt, tk, ok
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def _window_terms(qt, k, v, valid, b, hv, tq, p, T, W, scale, x, c, d, m, idx, a
                   HKV: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, DESCENDING: tl.constexpr,
                   HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Key chunk p's window terms into the running max, the accumulator and their sum of exponentials."""
-    s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
+    s, kt, tk, _ = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
     m, idx, e, alpha = _running_max(s, p, m, idx, C, DESCENDING)
     vt = load(v, b, hv, tk, d, T, HKV, D)
     acc = tl.dot(e.to(vt.dtype), vt, acc=acc * alpha[:, None], input_precision=PREC)
@@ -142,10 +142,9 @@ def _fwd(q, k, v, qf, kf, gamma, valid, o, den, mx, amax, hs, hz, T, W, P, NS, s
         # the band's first chunk: the max is final here, so its older pairs (none when n < P, unless the window
         # reaches past a chunk boundary) share the window pairs' product with v
         qft = load(qf, b, h, tq, f, T, H, F)
-        s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p0, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
+        s, _, tk, ok = _band_scores(qt, k, valid, b, hv, tq, p0, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
         m, idx, e, alpha = _running_max(s, p0, m, idx, C, True)
         dw = dw * alpha + tl.sum(e, 1)
-        ok = keys_ok(valid, b, tk, T, T, HAS_VALID)
         a = tl.dot(qft, tl.trans(load(kf, b, hk, tk, f, T, HK, F)), input_precision=PREC)
         a = tl.where((tk[None, :] - tq[:, None] <= -W) & ok[None, :], a, 0.0)
         vt = load(v, b, hv, tk, d, T, HKV, D)
@@ -218,7 +217,7 @@ def _bwd_win_dq(q, k, v, kf, gamma, valid, o, do, den, mx, amax, dq, dqf, delta,
     dqa = tl.zeros([C, BK], tl.float32)
     r = tl.zeros([C], tl.float32)
     for p in range(tl.maximum(n - P, 0), n + 1):
-        s, kt, tk = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
+        s, kt, tk, _ = _band_scores(qt, k, valid, b, hv, tq, p, T, W, scale, x, c, C, HKV, DK, HAS_VALID, PREC)
         e = tl.exp(s - m[:, None])
         vt = load(v, b, hv, tk, d, T, HKV, D)
         ed = e * (tl.dot(dnum, tl.trans(vt), input_precision=PREC) - (dl * rden)[:, None])
